@@ -1,0 +1,1 @@
+"""Checkpoint formats: torch <-> Flax key maps and layouts, cdv2 weight directories."""

@@ -1,0 +1,39 @@
+"""Shared fixtures: the oracle folder beside the repo (../shared/oracle) loaded once."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+ORACLE = Path(os.environ.get("CDV2_ORACLE", REPO.parent / "shared" / "oracle"))
+SPEC = ORACLE.parent / "spec"
+
+
+def rel_err(out, ref) -> float:
+    out = np.asarray(out, np.float64)
+    ref = np.asarray(ref, np.float64)
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+@pytest.fixture(scope="session")
+def oracle_dir() -> Path:
+    if not (ORACLE / "tiny_v2_fixtures.npz").is_file():
+        pytest.fail(f"oracle fixtures missing at {ORACLE} (set CDV2_ORACLE)")
+    return ORACLE
+
+
+@pytest.fixture(scope="session")
+def fixtures(oracle_dir):
+    return dict(np.load(oracle_dir / "tiny_v2_fixtures.npz"))
+
+
+def nchw_to_nhwc(x):
+    return np.transpose(np.asarray(x), (0, 2, 3, 1))
+
+
+def nhwc_to_nchw(x):
+    return np.transpose(np.asarray(x), (0, 3, 1, 2))
