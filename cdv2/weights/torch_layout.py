@@ -68,3 +68,35 @@ def torch_shape_to_flax(shape: tuple[int, ...]) -> tuple[int, ...]:
     if len(shape) == 4:
         return (shape[2], shape[3], shape[1], shape[0])
     return tuple(shape)
+
+
+def state_dict_to_params(state: dict, prefix: str = "") -> dict:
+    """Torch state dict (numpy arrays) -> nested Flax params dict, for keys under `prefix`
+    (which is stripped, e.g. "first_stage_model.")."""
+    params: dict = {}
+    for key, arr in state.items():
+        if not key.startswith(prefix):
+            continue
+        arr = np.asarray(arr)
+        path = torch_key_to_path(key[len(prefix):])
+        path = path[:-1] + (flax_leaf(path[-1], arr.ndim),)
+        node = params
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = torch_to_flax_array(arr)
+    return params
+
+
+def params_to_state_dict(params: dict, prefix: str = "") -> dict:
+    """Inverse of `state_dict_to_params`."""
+    out = {}
+
+    def walk(node, path):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, path + (k,))
+            else:
+                out[prefix + path_to_torch_key(path + (k,))] = flax_to_torch_array(np.asarray(v))
+
+    walk(params, ())
+    return out
