@@ -37,3 +37,17 @@ def nchw_to_nhwc(x):
 
 def nhwc_to_nchw(x):
     return np.transpose(np.asarray(x), (0, 3, 1, 2))
+
+
+@pytest.fixture(scope="session")
+def tiny_state_dict(oracle_dir):
+    from safetensors.numpy import load_file
+
+    return load_file(str(oracle_dir / "tiny_v2.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    from cdv2.config import load_model_config
+
+    return load_model_config("tiny")

@@ -1,0 +1,150 @@
+"""Attention: the core, the (LoRA-able) projections, and split cross-attention.
+
+Split cross-attention (the authors' `masked_forward`, paper Eq. 1): the context is
+[e_fg | e_bg] along tokens; each query token takes the fg-half result where the sketch mask says
+"foreground" and the bg-half result elsewhere, mixed before `to_out`. In the decoder the fg/bg
+paths use their own rank-4 LoRA on q/k/v; which adapters apply is an explicit argument (the
+authors' stale `mode` flag, which leaked the fg-LoRA into later vanilla runs, cannot happen).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def multihead_attention(q, k, v, heads: int, implementation: Optional[str] = None):
+    """Softmax attention, (B, N, C) in and out, heads split as (h d) with h major (torch's
+    `rearrange(..., 'b n (h d) -> b n h d')`); scale 1/sqrt(d). `implementation` is passed to
+    `jax.nn.dot_product_attention` ("cudnn" for flash attention on GPU, None = XLA)."""
+    b, n, c = q.shape
+    d = c // heads
+    q = q.reshape(b, n, heads, d)
+    k = k.reshape(b, k.shape[1], heads, d)
+    v = v.reshape(b, v.shape[1], heads, d)
+    out = jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    return out.reshape(b, n, c)
+
+
+class _Kernel(nn.Module):
+    """A bare weight matrix under `<name>/kernel` (the LoRA factors: no bias, used pre-merged)."""
+
+    shape: tuple[int, int]
+    init: Any
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self):
+        return self.param("kernel", self.init, self.shape, self.param_dtype)
+
+
+class LoRALinear(nn.Module):
+    """Bias-free Linear with optional fg/bg rank-r adapters (`lora_{down,up}_{fg,bg}`).
+
+    With an adapter the merged kernel W + down@up is used: exact, since the authors' LoRA scale is 1
+    and dropout 0, and one matmul is cheaper than three."""
+
+    features: int
+    rank: int = 0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, adapter: Optional[str] = None):
+        fin = x.shape[-1]
+        init = nn.initializers.lecun_normal() if self.features else nn.initializers.zeros
+        w = self.param("kernel", init, (fin, self.features), self.param_dtype)
+        if self.rank:
+            factors = {}
+            for a in ("fg", "bg"):
+                down = _Kernel((fin, self.rank), nn.initializers.normal(1.0 / self.rank), self.param_dtype,
+                               name=f"lora_down_{a}")()
+                up = _Kernel((self.rank, self.features), nn.initializers.zeros, self.param_dtype,
+                             name=f"lora_up_{a}")()
+                factors[a] = (down, up)
+            if adapter is not None:
+                down, up = factors[adapter]
+                w = w + jnp.dot(down.astype(jnp.float32), up.astype(jnp.float32)).astype(w.dtype)
+        elif adapter is not None:
+            raise ValueError(f"LoRA adapter '{adapter}' requested on a layer without LoRA")
+        return jnp.dot(x.astype(self.dtype), w.astype(self.dtype))
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """How a split cross-attention layer mixes its fg and bg halves (all values may be traced).
+
+    mask: (B, h, w, 1) sketch mask already at this layer's token grid; threshold: scalar or (B,);
+    strict: `m > threshold` (decoder) instead of `m >= threshold` (encoder/middle), as the authors."""
+
+    mask: jnp.ndarray
+    threshold: Any
+    strict: bool
+    fg_scale: Any = 1.0
+    bg_scale: Any = 1.0
+    merge_scale: Any = 0.0
+    use_lora: bool = False
+
+
+class Attention(nn.Module):
+    """to_q/to_k/to_v (bias-free, dim -> heads * head_dim) + to_out.0; plain or split cross-attention.
+
+    `head_dim` defaults to dim // heads (the U-Net); the warp modules fix it at 64 (the authors'
+    SelfTransformerBlock), so a block narrower than 64 has zero heads and reduces to to_out's bias."""
+
+    dim: int
+    heads: int
+    head_dim: Optional[int] = None
+    lora_rank: int = 0
+    attention_impl: Optional[str] = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        kw = dict(rank=self.lora_rank, dtype=self.dtype, param_dtype=self.param_dtype)
+        inner = self.heads * (self.head_dim or self.dim // self.heads)
+        self.to_q = LoRALinear(inner, **kw)
+        self.to_k = LoRALinear(inner, **kw)
+        self.to_v = LoRALinear(inner, **kw)
+        out_init = nn.initializers.lecun_normal() if inner else nn.initializers.zeros
+        self.to_out_0 = nn.Dense(self.dim, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=out_init)
+
+    def _attend(self, x, context, adapter):
+        q = self.to_q(x, adapter)
+        k = self.to_k(context, adapter)
+        v = self.to_v(context, adapter)
+        if self.heads == 0:
+            return q  # (B, N, 0): no heads, nothing to attend
+        return multihead_attention(q, k, v, self.heads, self.attention_impl)
+
+    def __call__(self, x, context=None, reference_scale=1.0, split: Optional[SplitSpec] = None):
+        context = x if context is None else context
+        scale = jnp.asarray(reference_scale, jnp.float32)
+        if split is None:
+            out = self._attend(x, context, None) * scale.astype(x.dtype)
+            return self.to_out_0(out)
+        b, n = x.shape[0], context.shape[1] // 2
+        ctx_fg, ctx_bg = context[:, :n], context[:, n:]
+        fg_adapter, bg_adapter = ("fg", "bg") if split.use_lora else (None, None)
+        bg = self._attend(x, ctx_bg, bg_adapter).astype(jnp.float32) * scale * _per_sample(split.bg_scale, b)
+        fg = self._attend(x, ctx_fg, fg_adapter).astype(jnp.float32) * scale * _per_sample(split.fg_scale, b)
+        merge = _per_sample(split.merge_scale, b)
+        fg = (1.0 - merge) * fg + merge * bg
+        m = split.mask.reshape(b, -1, 1).astype(jnp.float32)
+        thr = _per_sample(split.threshold, b)
+        is_fg = m > thr if split.strict else m >= thr
+        out = jnp.where(is_fg, fg, bg).astype(x.dtype)
+        return self.to_out_0(out)
+
+
+def _per_sample(value, batch: int):
+    """Scalar or (B,) -> broadcastable (B, 1, 1) fp32."""
+    v = jnp.asarray(value, jnp.float32)
+    if v.ndim == 0:
+        return v
+    return v.reshape(batch, 1, 1)

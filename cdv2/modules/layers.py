@@ -1,0 +1,95 @@
+"""Building blocks shared by the U-Net, its encoders and the sketch encoder (SD2.1 / LDM)."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+PAD1 = ((1, 1), (1, 1))  # torch's symmetric padding=1 (never "SAME": stride-2 SAME pads asymmetrically)
+
+
+def timestep_embedding(t: jnp.ndarray, dim: int, max_period: float = 10000.0) -> jnp.ndarray:
+    """Sinusoidal embedding [cos | sin] (cos first, as in the authors' LDM code); t may be fractional."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = jnp.asarray(t, jnp.float32)[..., None] * freqs
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.concatenate([emb, jnp.zeros_like(emb[..., :1])], axis=-1)
+    return emb
+
+
+def conv(features: int, kernel: int, name: str, dtype: Dtype, param_dtype: Dtype, stride: int = 1) -> nn.Conv:
+    pad = PAD1 if kernel == 3 else ((0, 0), (0, 0))
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=pad, name=name,
+                   dtype=dtype, param_dtype=param_dtype)
+
+
+def group_norm(name: str, eps: float, dtype: Dtype, param_dtype: Dtype) -> nn.GroupNorm:
+    # flax computes the statistics in at least fp32 whatever `dtype` is
+    return nn.GroupNorm(num_groups=32, epsilon=eps, name=name, dtype=dtype, param_dtype=param_dtype)
+
+
+class ResBlock(nn.Module):
+    """LDM ResBlock (no scale-shift norm, dropout 0): keys in_layers/emb_layers/out_layers/skip."""
+
+    out_channels: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, emb):
+        d, pd = self.dtype, self.param_dtype
+        h = nn.silu(group_norm("in_layers_0", 1e-5, d, pd)(x))
+        h = conv(self.out_channels, 3, "in_layers_2", d, pd)(h)
+        e = nn.Dense(self.out_channels, name="emb_layers_1", dtype=d, param_dtype=pd)(nn.silu(emb))
+        h = h + e[:, None, None, :].astype(h.dtype)
+        h = nn.silu(group_norm("out_layers_0", 1e-5, d, pd)(h))
+        h = conv(self.out_channels, 3, "out_layers_3", d, pd)(h)
+        if x.shape[-1] != self.out_channels:
+            x = conv(self.out_channels, 1, "skip_connection", d, pd)(x)
+        return x.astype(h.dtype) + h
+
+
+class Downsample(nn.Module):
+    channels: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        return conv(self.channels, 3, "op", self.dtype, self.param_dtype, stride=2)(x)
+
+
+class Upsample(nn.Module):
+    channels: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # nearest x2
+        return conv(self.channels, 3, "conv", self.dtype, self.param_dtype)(x)
+
+
+def time_embed(t, model_channels: int, param_dtype: Dtype) -> jnp.ndarray:
+    """time_embed.0 -> SiLU -> time_embed.2, kept in fp32 (precision policy). Call inside a compact
+    method: the Dense layers attach to the calling module as `time_embed_0` / `time_embed_2`."""
+    ted = model_channels * 4
+    h = timestep_embedding(t, model_channels)
+    h = nn.Dense(ted, name="time_embed_0", param_dtype=param_dtype, dtype=jnp.float32)(h)
+    return nn.Dense(ted, name="time_embed_2", param_dtype=param_dtype, dtype=jnp.float32)(nn.silu(h))
+
+
+def tokens(x: jnp.ndarray) -> jnp.ndarray:
+    """(B, H, W, C) -> (B, HW, C) in row-major order (= torch's flatten of NCHW then transpose)."""
+    b, h, w, c = x.shape
+    return x.reshape(b, h * w, c)
+
+
+def gelu_exact(x):
+    return jax.nn.gelu(x, approximate=False)
