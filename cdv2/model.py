@@ -36,7 +36,7 @@ class Components:
 
 def build(cfg: ModelConfig, dtype=jnp.float32, param_dtype=jnp.float32,
           attention_impl: Optional[str] = None) -> Components:
-    from cdv2.modules.clip import CLIPVisionTransformer  # noqa: WPS433 (keeps import light)
+    from cdv2.modules.clip import VisionTransformer
     from cdv2.modules.vae import AutoencoderKL
 
     return Components(
@@ -45,7 +45,7 @@ def build(cfg: ModelConfig, dtype=jnp.float32, param_dtype=jnp.float32,
         bg_encoder=UNetEncoder(cfg.bg_encoder, attention_impl, dtype, param_dtype),
         style_encoder=UNetEncoder(cfg.style_encoder, attention_impl, dtype, param_dtype),
         vae=AutoencoderKL(cfg.vae, dtype=dtype, param_dtype=param_dtype),
-        clip=CLIPVisionTransformer(cfg.clip, dtype=dtype, param_dtype=param_dtype),
+        clip=VisionTransformer(cfg.clip, dtype=dtype, param_dtype=param_dtype),
     )
 
 
