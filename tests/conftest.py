@@ -51,3 +51,13 @@ def tiny_config():
     from cdv2.config import load_model_config
 
     return load_model_config("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_params(oracle_dir, tiny_config):
+    """Every param group of the oracle's tiny model (authors' file + open_clip file), fp32 numpy."""
+    from cdv2.weights.pretrained import load_pretrained
+
+    params, _ = load_pretrained(oracle_dir / "tiny_v2.safetensors",
+                                clip=str(oracle_dir / "tiny_openclip_visual.safetensors"), config=tiny_config)
+    return params

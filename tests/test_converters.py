@@ -5,7 +5,6 @@ tools/bench_convert_memory.py, not a test.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import ml_dtypes
@@ -287,15 +286,9 @@ def test_weights_dir_load_errors_name_what_is_wrong(tmp_path, tiny_converted):
         load_weights_dir(d)
 
 
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_command_line_tools_round_trip_and_fail_cleanly(tmp_path, tiny_path, capsys):
-    convert, export = _tool("convert_torch"), _tool("export_torch")
+    from cdv2.weights import convert_cli as convert, export_cli as export
+
     w = tmp_path / "w"
     assert convert.main(["--checkpoint", str(tiny_path), "--config", "tiny", "--out", str(w),
                          "--no-progress"]) == 0

@@ -54,7 +54,7 @@ class Pipeline:
         self.components = build(config, dtype=dtype, attention_impl=attention_impl)
         self.trace_counts = {"prepare": 0, "denoise": 0, "decode": 0}  # bumped at trace time only
         self._prepare = jax.jit(self._prepare_impl, static_argnames=("mode", "branches", "num_images"))
-        self._denoise = jax.jit(self._denoise_impl, static_argnames=("sampler", "branches", "use_lora"))
+        self._denoise = jax.jit(self._denoise_impl, static_argnames=("sampler", "branches", "use_lora", "progress"))
         self._decode = jax.jit(self._decode_impl)
 
     # -- conditions ---------------------------------------------------------------------------
@@ -70,7 +70,8 @@ class Pipeline:
         return self._prepare(params, inputs, strengths, vae_rng, mode=mode, branches=branches, num_images=num_images)
 
     # -- the denoising loop -------------------------------------------------------------------
-    def _denoise_impl(self, unet_params, conds: UNetConditions, noise, g: Guidance, *, sampler, branches, use_lora):
+    def _denoise_impl(self, unet_params, conds: UNetConditions, noise, g: Guidance, *, sampler, branches, use_lora,
+                      progress):
         self.trace_counts["denoise"] += 1
         s = make_sampler(*sampler, self.config.schedule)  # host-side tables; built at trace time only
         timesteps = jnp.asarray(s.timesteps)
@@ -87,16 +88,24 @@ class Pipeline:
                 reference_scales=g.reference_scales, fg_scale=g.fg_scale, bg_scale=g.bg_scale,
                 merge_scale=g.merge_scale)
             v = cfg_guidance.combine(out, branches, g.reference_guidance, g.sketch_guidance)
+            if progress:  # a host callback per step (off for benchmarks and serving)
+                jax.debug.callback(_report_step, i, s.num_steps, ordered=True)
             return s.step(state, v, i)
 
         state = s.init(noise * s.init_noise_sigma)
         return jax.lax.fori_loop(0, s.num_steps, body, state).x
 
     def denoise(self, unet_params, conds: UNetConditions, noise, guidance: Guidance, *,
-                sampler: tuple[str, int, bool], branches: tuple[str, ...], use_lora: bool = True):
-        """noise: (num_images, h, w, 4) standard normal. sampler: (name, steps, karras)."""
-        return self._denoise(unet_params, conds, noise, guidance, sampler=tuple(sampler), branches=tuple(branches),
-                             use_lora=use_lora)
+                sampler: tuple[str, int, bool], branches: tuple[str, ...], use_lora: bool = True,
+                progress: bool = False):
+        """noise: (num_images, h, w, 4) standard normal. sampler: (name, steps, karras).
+        use_lora: the fg/bg LoRAs in background modes (the authors' intended behaviour)."""
+        out = self._denoise(unet_params, conds, noise, guidance, sampler=tuple(sampler), branches=tuple(branches),
+                            use_lora=use_lora, progress=progress)
+        if progress:
+            jax.block_until_ready(out)
+            _close_progress()
+        return out
 
     # -- decoding -----------------------------------------------------------------------------
     def _decode_impl(self, vae_params, latent):
@@ -107,3 +116,23 @@ class Pipeline:
 
     def decode(self, vae_params, latent):
         return self._decode(vae_params, latent)
+
+
+_PROGRESS: dict = {}
+
+
+def _report_step(i, total):
+    from tqdm import tqdm
+
+    bar = _PROGRESS.get("bar")
+    if bar is None or int(i) == 0:
+        if bar is not None:
+            bar.close()
+        bar = _PROGRESS["bar"] = tqdm(total=int(total), desc="denoising", unit="step")
+    bar.update(1)
+
+
+def _close_progress():
+    bar = _PROGRESS.pop("bar", None)
+    if bar is not None:
+        bar.close()

@@ -1,0 +1,117 @@
+"""`cdv2 colorize | convert | export | demo | train`."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _colorize_parser(sub):
+    p = sub.add_parser("colorize", help="colorize a sketch after a reference image",
+                       description="Colorize a sketch after a reference image with the authors' weights.")
+    p.add_argument("--weights", help="cdv2 weights directory, or the authors' v2-full.safetensors (with --clip)")
+    p.add_argument("--clip", help="open_clip ViT-H-14 weights, when --weights is the authors' file")
+    p.add_argument("--config", default=None, help="model config for an authors' file (default v2)")
+    p.add_argument("--sketch", required=True)
+    p.add_argument("--reference", required=True)
+    p.add_argument("--background", help="replace the background with this image (background modes)")
+    p.add_argument("--sketch-mask", help="character mask of the sketch (white = character); estimated if absent")
+    p.add_argument("--reference-mask", help="character mask of the reference; from alpha or estimated if absent")
+    p.add_argument("--mode", default="full", choices=["vanilla", "style", "background", "full"])
+    p.add_argument("--out", required=True, help="output PNG (with --num-images > 1: NAME_0.png, NAME_1.png, ...)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--sampler", default="dpmpp_2m", choices=["dpmpp_2m", "euler", "ddim"])
+    p.add_argument("--karras", action="store_true", help="Karras sigmas (dpmpp_2m)")
+    p.add_argument("--reference-guidance", type=float, default=4.0)
+    p.add_argument("--sketch-guidance", type=float, default=1.0)
+    p.add_argument("--reference-strength", type=float, default=1.0)
+    p.add_argument("--fg-strength", type=float, default=1.0)
+    p.add_argument("--bg-strength", type=float, default=1.0)
+    p.add_argument("--merge-scale", type=float, default=0.0)
+    p.add_argument("--sketch-strength", type=float, default=1.0)
+    p.add_argument("--sketch-mask-threshold", type=float, default=0.05)
+    p.add_argument("--reference-mask-threshold", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--long-side", type=int, default=768, help="generation size of the longer side (pixels)")
+    p.add_argument("--polarity", default="auto", choices=["auto", "black_on_white", "white_on_black"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--no-crop", action="store_true", help="keep the padding around the sketch")
+    return p
+
+
+def _output_paths(out: str, n: int, overwrite: bool) -> list[Path]:
+    out = Path(out)
+    paths = [out] if n == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix or '.png'}") for i in range(n)]
+    existing = [str(p) for p in paths if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"refusing to overwrite {', '.join(existing)} (pass --overwrite)")
+    return paths
+
+
+def colorize_main(args) -> int:
+    from cdv2.weights.pretrained import HOW_TO_GET_WEIGHTS
+
+    if not args.weights:
+        print("error: no weights given (--weights).\n\n" + HOW_TO_GET_WEIGHTS
+              + "\n\nWithout weights, `cdv2 demo` trains a tiny model on synthetic data and colorizes with it.",
+              file=sys.stderr)
+        return 2
+    paths = _output_paths(args.out, args.num_images, args.overwrite)
+    from cdv2.sample.colorizer import Colorizer
+
+    col = Colorizer.from_pretrained(args.weights, clip=args.clip, config=args.config, dtype=args.dtype)
+    images = col.colorize(
+        args.sketch, args.reference, mode=args.mode, background=args.background, sketch_mask=args.sketch_mask,
+        reference_mask=args.reference_mask, steps=args.steps, sampler=args.sampler, karras=args.karras,
+        reference_guidance=args.reference_guidance, sketch_guidance=args.sketch_guidance,
+        reference_strength=args.reference_strength, fg_strength=args.fg_strength, bg_strength=args.bg_strength,
+        merge_scale=args.merge_scale, sketch_strength=args.sketch_strength,
+        sketch_mask_threshold=args.sketch_mask_threshold, reference_mask_threshold=args.reference_mask_threshold,
+        seed=args.seed, num_images=args.num_images, long_side=args.long_side, crop=not args.no_crop,
+        sketch_polarity=args.polarity, progress=True)
+    for img, path in zip(images, paths):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        img.save(path)
+        print(f"wrote {path}")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="cdv2", description="ColorizeDiffusion v2 in JAX/Flax")
+    sub = ap.add_subparsers(dest="command", required=True)
+    _colorize_parser(sub)
+    for name, help_ in (("convert", "authors' torch checkpoint (+ open_clip) -> cdv2 weights directory"),
+                        ("export", "cdv2 weights directory -> authors' safetensors"),
+                        ("demo", "no weights needed: train a tiny model on synthetic data, colorize with it"),
+                        ("train", "train a stage (python -m cdv2.train)")):
+        sub.add_parser(name, help=help_, add_help=False)
+    args, rest = ap.parse_known_args(argv)
+    if args.command == "convert":
+        from cdv2.weights.convert_cli import main as convert_main
+
+        return convert_main(rest)
+    if args.command == "export":
+        from cdv2.weights.export_cli import main as export_main
+
+        return export_main(rest)
+    if args.command == "demo":
+        from cdv2.demo import main as demo_main
+
+        return demo_main(rest)
+    if args.command == "train":
+        from cdv2.train.__main__ import main as train_main
+
+        return train_main(rest)
+    if rest:
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        return colorize_main(args)
+    except (OSError, ValueError) as e:  # bad input: one clear line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
