@@ -71,3 +71,17 @@ def test_mask_without_threshold_is_an_error(unet_and_params, fixtures):
     kw.pop("threshold")
     with pytest.raises(ValueError, match="threshold"):
         unet.apply(params, *args, **kw)
+
+
+@pytest.mark.parametrize("mode", ["vanilla", "full"])
+def test_bf16_compute_path_stays_close(tiny_state_dict, tiny_config, fixtures, mode):
+    """bf16 compute (fp32 params, norms, softmax, time embedding): measured ~3e-3 relative error."""
+    import jax
+
+    unet = UNet(tiny_config.unet, dtype=jnp.bfloat16)
+    params = {"params": state_dict_to_params(tiny_state_dict, "model.diffusion_model.")}
+    args, kw = unet_inputs(fixtures, mode)
+    out = jax.jit(lambda p, *a: unet.apply(p, *a, **kw))(params, *args)
+    assert out.dtype == jnp.float32
+    err = rel_err(nhwc_to_nchw(out), fixtures[mode + "/out"])
+    assert 1e-5 < err < 2e-2  # really ran in bf16, and stays close
