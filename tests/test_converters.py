@@ -20,7 +20,7 @@ from cdv2.weights.v2_checkpoint import (SCHEDULE_BUFFERS, CheckpointMismatchErro
                                         read_torch_checkpoint, schedule_buffers, torch_key_to_param_path,
                                         unflatten_tree, write_safetensors)
 from cdv2.weights.weights_dir import load_weights_dir, read_manifest, save_weights_dir
-from conftest import REPO, SPEC
+from conftest import SPEC
 
 LORA_KEY = "model.diffusion_model.output_blocks.3.1.transformer_blocks.0.attn2.to_k.lora_down_fg.weight"
 

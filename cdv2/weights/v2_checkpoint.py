@@ -9,10 +9,8 @@ torch shapes and (recorded) dtypes, so a round trip reproduces the source file b
 """
 from __future__ import annotations
 
-import json
 import os
 import pickle
-import struct
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -21,6 +19,7 @@ import ml_dtypes
 import numpy as np
 from tqdm import tqdm
 
+from .safetensors_stream import SafetensorsReader, write_safetensors  # noqa: F401 (re-exported)
 from .torch_layout import (flax_leaf, flax_to_torch_array, path_to_torch_key, torch_key_to_path,
                            torch_shape_to_flax, torch_to_flax_array)
 
@@ -70,122 +69,6 @@ class CheckpointMismatchError(ValueError):
         section("mis-shaped", [f"{k}  expected {list(e)}, got {list(g)}" for k, e, g in self.misshaped])
         section("other", self.problems)
         return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------- safetensors
-# Own streaming reader/writer for the (tiny) safetensors format: safe_open mmaps the whole file, and
-# every mapped page it touches counts in RSS until the file is closed (a 6.8 GB file would cost
-# 6.8 GB on top of the params), it has no numpy bfloat16, and save_file builds the whole file in
-# memory. Plain reads/writes of one tensor at a time avoid all three.
-_ST_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-    "BOOL": np.bool_,
-}
-_ST_NAME = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
-# the safetensors library lays tensors out by dtype (its enum order, largest first), then by name;
-# doing the same makes our files byte-identical to the library's
-_ST_ORDER = ("BOOL", "U8", "I8", "I16", "F16", "BF16", "I32", "F32", "F64", "I64")
-_MAX_HEADER = 100 << 20
-
-
-class SafetensorsReader:
-    """Streaming safetensors reader: header parsed once, each get() reads one tensor from disk."""
-
-    def __init__(self, path):
-        self.path = Path(path)
-        self._f = open(self.path, "rb")
-        size = os.fstat(self._f.fileno()).st_size
-        head = self._f.read(8)
-        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-        if not 0 < n <= min(size - 8, _MAX_HEADER):
-            self._f.close()
-            raise ValueError(f"{self.path}: not a safetensors file (bad header length)")
-        try:
-            header = json.loads(self._f.read(n))
-        except ValueError as e:
-            self._f.close()
-            raise ValueError(f"{self.path}: not a safetensors file (header is not JSON: {e})") from None
-        self.metadata = header.pop("__metadata__", None)
-        self._entries = {}
-        for key, info in header.items():
-            dtype = _ST_DTYPES.get(info.get("dtype"))
-            shape = tuple(info.get("shape", ()))
-            start, end = info.get("data_offsets", (0, -1))
-            if dtype is None:
-                self._f.close()
-                raise ValueError(f"{self.path}: tensor {key} has unsupported dtype {info.get('dtype')}")
-            if end - start != int(np.prod(shape)) * np.dtype(dtype).itemsize or 8 + n + end > size:
-                self._f.close()
-                raise ValueError(f"{self.path}: tensor {key} lies outside the file (truncated or corrupt)")
-            self._entries[key] = (np.dtype(dtype), shape, 8 + n + start)
-
-    def keys(self) -> list[str]:
-        return list(self._entries)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self._entries[key][1]
-
-    def dtype(self, key: str) -> np.dtype:
-        return self._entries[key][0]
-
-    def get(self, key: str) -> np.ndarray:
-        dtype, shape, offset = self._entries[key]
-        out = np.empty(shape, dtype)
-        buf = out.reshape(-1).view(np.uint8)
-        self._f.seek(offset)
-        if self._f.readinto(buf) != buf.nbytes:
-            raise ValueError(f"{self.path}: tensor {key} is truncated")
-        return out
-
-    def close(self) -> None:
-        self._f.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-def write_safetensors(path, entries, *, metadata: Mapping[str, str] | None = None,
-                      progress=False) -> Path:
-    """Write a safetensors file one tensor at a time. entries: (name, dtype, shape, producer),
-    producer() returning that array. Written to `<path>.partial`, renamed when complete."""
-    path = Path(path)
-    rows = sorted(((name, np.dtype(dt), tuple(int(d) for d in shape), make)
-                   for name, dt, shape, make in entries),
-                  key=lambda r: (-_ST_ORDER.index(_ST_NAME[r[1]]), r[0]))
-    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
-    offset = 0
-    for name, dtype, shape, _ in rows:
-        if name in header:
-            raise ValueError(f"duplicate tensor name {name}")
-        nbytes = int(np.prod(shape)) * dtype.itemsize
-        header[name] = {"dtype": _ST_NAME[dtype], "shape": list(shape),
-                        "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-    blob += b" " * (-len(blob) % 8)
-    tmp = path.with_name(path.name + ".partial")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(blob)))
-            f.write(blob)
-            for name, dtype, shape, make in tqdm(rows, desc="writing", unit="tensor",
-                                                 disable=not progress):
-                arr = np.asarray(make())
-                if not arr.flags.c_contiguous:  # (np.ascontiguousarray would turn 0-d into 1-d)
-                    arr = arr.copy(order="C")
-                if arr.dtype != dtype or arr.shape != shape:
-                    raise ValueError(f"{name}: produced {arr.dtype}{list(arr.shape)}, "
-                                     f"declared {dtype}{list(shape)}")
-                f.write(arr.reshape(-1).view(np.uint8).data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 # ---------------------------------------------------------------------------------- readers
@@ -339,32 +222,13 @@ def leaf_shape(leaf) -> tuple[int, ...]:
 
 
 # ---------------------------------------------------------------------------------- schedule
-def schedule_buffers(linear_start=0.00085, linear_end=0.012, timesteps=1000) -> dict[str, np.ndarray]:
-    """The 12 buffers as the authors' DDPM.register_schedule computes them (float64, then fp32)."""
-    betas = np.linspace(linear_start ** 0.5, linear_end ** 0.5, timesteps, dtype=np.float64) ** 2
-    alphas = 1.0 - betas
-    ac = np.cumprod(alphas)
-    ac_prev = np.append(1.0, ac[:-1])
-    post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
-    bufs = {
-        "betas": betas, "alphas_cumprod": ac, "alphas_cumprod_prev": ac_prev,
-        "sqrt_alphas_cumprod": np.sqrt(ac), "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - ac),
-        "log_one_minus_alphas_cumprod": np.log(1.0 - ac),
-        "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / ac),
-        "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / ac - 1.0),
-        "posterior_variance": post_var,
-        "posterior_log_variance_clipped": np.log(np.maximum(post_var, 1e-20)),
-        "posterior_mean_coef1": betas * np.sqrt(ac_prev) / (1.0 - ac),
-        "posterior_mean_coef2": (1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac),
-    }
-    return {k: bufs[k].astype(np.float32) for k in SCHEDULE_BUFFERS}
+def schedule_buffers(schedule=None) -> dict[str, np.ndarray]:
+    """The 12 buffers as the authors' DDPM.register_schedule computes them, in file order."""
+    from cdv2.config import ScheduleConfig
+    from cdv2.sample.schedule import ldm_schedule_buffers
 
-
-def _schedule_args(schedule) -> dict:
-    if schedule is None:
-        return {}
-    return dict(linear_start=schedule.linear_start, linear_end=schedule.linear_end,
-                timesteps=schedule.timesteps)
+    bufs = ldm_schedule_buffers(schedule or ScheduleConfig())
+    return {k: bufs[k] for k in SCHEDULE_BUFFERS}
 
 
 def _is_float(dtype) -> bool:
@@ -404,7 +268,7 @@ def _plan(reader, expected_shapes, allow_unexpected_prefixes, schedule):
         expected = {p: leaf_shape(v) for p, v in flatten_tree(expected_shapes).items()
                     if p[0] in _PREFIX_OF_GROUP}  # other groups (clip) come from other files
     allow = tuple(allow_unexpected_prefixes)
-    sched = schedule_buffers(**_schedule_args(schedule))
+    sched = schedule_buffers(schedule)
     missing, unexpected, misshaped, problems, skipped = [], [], [], [], []
     plan, source_dtypes, key_of_path = [], {}, {}
     for key in reader.keys():
@@ -500,7 +364,7 @@ def export_entries(params: Mapping, *, source_dtypes=None, vae_fp16=True,
             return flax_to_torch_array(np.asarray(leaf)).astype(dtype, copy=False)
 
         yield key, dtype, flax_shape_to_torch(tuple(np.shape(leaf))), make
-    for name, buf in schedule_buffers(**_schedule_args(schedule)).items():
+    for name, buf in schedule_buffers(schedule).items():
         yield name, buf.dtype, buf.shape, (lambda buf=buf: buf)
 
 

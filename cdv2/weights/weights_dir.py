@@ -20,7 +20,8 @@ import yaml
 
 from .. import __version__
 from ..config import ModelConfig, model_config_from_dict
-from .v2_checkpoint import (CheckpointMismatchError, SafetensorsReader, flatten_tree, leaf_shape,
+from .safetensors_stream import SafetensorsReader
+from .v2_checkpoint import (CheckpointMismatchError, flatten_tree, leaf_shape,
                             unflatten_tree, write_safetensors)
 
 PARAMS_FILE = "params.safetensors"
