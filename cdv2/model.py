@@ -102,4 +102,5 @@ def init_params(cfg: ModelConfig, rng, groups=GROUPS) -> dict:
     comps = build(cfg)
     fns = _init_fns(cfg, comps)
     keys = jax.random.split(rng, len(groups))
+    # eager on purpose: jitting init compiles the whole forward pass, which is slower on CPU
     return {g: fns[g](k)["params"] for g, k in zip(groups, keys)}

@@ -2,11 +2,13 @@
 restore params + optimizer state + step + RNG (the train-state pytree) and the data position."""
 from __future__ import annotations
 
+import math
 import signal
 from pathlib import Path
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 
@@ -39,7 +41,7 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, data_state: dict, *, force: bool = False) -> bool:
         """Async: returns at once; the arrays are copied before the next step may donate them."""
-        return self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+        return self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_nonempty(state)),
                                                                data=ocp.args.JsonSave(data_state)), force=force)
 
     def restore(self, abstract_state: Any, step: Optional[int] = None):
@@ -48,9 +50,9 @@ class Checkpointer:
         step = self.manager.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                                 data=ocp.args.JsonRestore()))
-        return out["state"], out["data"]
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(_nonempty(abstract_state)), data=ocp.args.JsonRestore()))
+        return _refill(abstract_state, out["state"]), out["data"]
 
     def close(self) -> None:
         self.manager.wait_until_finished()
@@ -61,3 +63,25 @@ def abstract_like(state: Any) -> Any:
     """ShapeDtypeStructs (with shardings) of a live state, for restoring into the same layout."""
     return jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), state)
+
+
+def _name(key_path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in key_path)
+
+
+def _nonempty(tree: Any) -> dict:
+    """Flat {path: leaf} without zero-size leaves, which orbax cannot store (e.g. a 64-channel-head
+    warp module narrower than 64 channels in tiny configs has (C, 0) kernels)."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {_name(p): x for p, x in leaves if math.prod(x.shape) > 0}
+
+
+def _refill(abstract: Any, flat: dict) -> Any:
+    """Rebuild the pytree of `abstract` from restored non-empty leaves (+ zeros for the empty ones)."""
+    def leaf(p, x):
+        got = flat.get(_name(p))
+        if got is not None:
+            return got
+        return jax.device_put(jnp.zeros(x.shape, x.dtype), x.sharding) if x.sharding else jnp.zeros(x.shape, x.dtype)
+
+    return jax.tree_util.tree_map_with_path(leaf, abstract)

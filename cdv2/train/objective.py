@@ -142,6 +142,8 @@ def _augment(batch: dict, rngs: StepRngs, cfg: TrainConfig) -> dict:
 
 
 def _check_cache(batch: dict, cfg: TrainConfig) -> None:
+    """Cached inputs skip the VAE / CLIP forward but cannot carry the augmentations. (In stages 2/3
+    the batch still needs image/reference/masks: the background path and bleaching read them.)"""
     if "latent" in batch and cfg.stage > 1 and cfg.p_white_bg > 0:
         raise ValueError("a cached `latent` cannot carry background bleaching: set p_white_bg=0 or "
                          "drop the cache in stages 2/3")
@@ -151,6 +153,10 @@ def _check_cache(batch: dict, cfg: TrainConfig) -> None:
 
 
 def _remat(fn, policy: str):
+    """`jax.checkpoint` around a whole component apply (U-Net, sketch/bg/style encoder) with a named
+    policy. This recomputes the component in the backward pass instead of keeping its activations
+    alive across the others; per-block remat inside the U-Net needs a hook in cdv2.modules (nn.remat
+    around ResBlock / SpatialTransformer), which this file cannot add."""
     if policy == "none":
         return fn
     policies = jax.checkpoint_policies
