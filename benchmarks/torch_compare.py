@@ -1,0 +1,222 @@
+"""Same-run CPU comparison: our U-Net (vanilla SD path) vs an INDEPENDENT torch U-Net of the same
+shape, diffusers' `UNet2DConditionModel` in the SD2.1 layout.
+
+    python -m benchmarks.torch_compare                          # model_channels 64, 32x32 latent, batch 2
+    python -m benchmarks.torch_compare --channels 128 --latent 48 --repeats 7
+
+Both sides: fp32, all cores (torch.set_num_threads(os.cpu_count()); XLA's CPU thread pool uses
+all cores by default), warm, median of `--repeats` runs taken INTERLEAVED (torch, jax, torch, ...)
+so that load from other processes on a shared machine hits both alike. torch runs under
+`torch.inference_mode()`; jax runs the whole U-Net as one jitted function.
+
+Same function, checked shape-wise: the v2 config with `warp_module=False, style_modulation=False,
+lora_rank=0` (the plain SD2.1 U-Net) must have exactly diffusers' parameter count, the same
+output shape, and torch's own FLOP counter (torch.utils.flop_counter) must agree with our analytic
+count (benchmarks/flops.py). diffusers' `attention_head_dim` list is really the number of heads
+per block (a known naming quirk), so it gets C_i / num_head_channels.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import common
+from benchmarks.flops import VANILLA, unet_flops
+from cdv2.config import load_model_config
+from cdv2.modules.unet import UNet
+
+
+def _heads_first(a, heads: int):
+    b, n, c = a.shape
+    return a.reshape(b, n, heads, c // heads).transpose(0, 2, 1, 3)
+
+
+def einsum_attention(q, k, v, heads: int, implementation=None):
+    """The PROPOSED XLA attention core (an experiment here; cdv2/modules/attention.py is unchanged):
+    heads in front, q pre-scaled by 1/sqrt(d), (b,h,q,d) x (b,h,k,d) -> fp32 softmax -> (b,h,q,d).
+    On XLA:CPU this avoids the transposed copy of the whole probability matrix that the (b,q,h,d)
+    einsums of jax.nn.dot_product_attention's XLA path make before the AV product, and the
+    full-size broadcast of the scale that dividing the scores creates."""
+    b, n, c = q.shape
+    d = c // heads
+    s = jnp.einsum("bhqd,bhkd->bhqk", _heads_first(q * (d ** -0.5), heads), _heads_first(k, heads))
+    p = jax.nn.softmax(s.astype(jnp.float32), axis=-1).astype(q.dtype)
+    return jnp.einsum("bhqk,bhkd->bhqd", p, _heads_first(v, heads)).transpose(0, 2, 1, 3).reshape(b, n, c)
+
+
+def chunked_attention(q, k, v, heads: int, implementation=None, chunk: int = 256):
+    """`einsum_attention` over blocks of `chunk` queries in a `lax.map` loop, so that each block's
+    score matrix stays in cache (what torch's CPU flash kernel gets by tiling). Exact."""
+    b, n, c = q.shape
+    if n <= chunk or n % chunk:
+        return einsum_attention(q, k, v, heads)
+    d = c // heads
+    qh = _heads_first(q * (d ** -0.5), heads).reshape(b, heads, n // chunk, chunk, d).transpose(2, 0, 1, 3, 4)
+    kh, vh = _heads_first(k, heads), _heads_first(v, heads)
+
+    def block(qb):
+        p = jax.nn.softmax(jnp.einsum("bhqd,bhkd->bhqk", qb, kh).astype(jnp.float32), axis=-1).astype(q.dtype)
+        return jnp.einsum("bhqk,bhkd->bhqd", p, vh)
+
+    return jax.lax.map(block, qh).transpose(1, 0, 3, 2, 4).reshape(b, n, c)
+
+
+ATTENTION_VARIANTS = {"einsum": einsum_attention, "chunked": chunked_attention}
+
+
+def plain_sd_config(channels: int, context_dim: int = 1024):
+    return load_model_config("v2", {"unet.model_channels": channels, "unet.context_dim": context_dim,
+                                    "unet.warp_module": False, "unet.style_modulation": False,
+                                    "unet.lora_rank": 0})
+
+
+def diffusers_unet(cfg, latent: int):
+    """diffusers' SD2.1 U-Net at our config's sizes (use_linear_projection False: 1x1-conv proj)."""
+    from diffusers import UNet2DConditionModel
+
+    chans = tuple(cfg.model_channels * m for m in cfg.channel_mult)
+    return UNet2DConditionModel(
+        sample_size=latent, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        block_out_channels=chans, layers_per_block=cfg.num_res_blocks,
+        attention_head_dim=[c // cfg.num_head_channels for c in chans],  # = heads (diffusers quirk)
+        cross_attention_dim=cfg.context_dim, use_linear_projection=False, flip_sin_to_cos=True, freq_shift=0,
+        norm_num_groups=32, norm_eps=1e-5, act_fn="silu", upcast_attention=False,
+    ).eval()
+
+
+def torch_flops(model, x, t, ctx) -> int:
+    """torch's own FLOP count of the diffusers forward. Its counter has no formula for the CPU flash
+    SDPA kernel, so the count runs with diffusers' classic (bmm + softmax) attention processor."""
+    import torch
+    from diffusers.models.attention_processor import AttnProcessor
+    from torch.utils.flop_counter import FlopCounterMode
+
+    saved = model.attn_processors
+    model.set_attn_processor(AttnProcessor())
+    try:
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            model(x, t, encoder_hidden_states=ctx)
+    finally:
+        model.set_attn_processor(saved)
+    return int(counter.get_total_flops())
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--channels", type=int, default=64, help="model_channels (heads: 64-channel, as SD2.1)")
+    ap.add_argument("--context-dim", type=int, default=1024)
+    ap.add_argument("--latent", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                    help="torch threads (default: the CPUs this process may run on; XLA sizes its pool the same way)")
+    ap.add_argument("--jax-attention", choices=("library", *ATTENTION_VARIANTS), default="library",
+                    help="library: the model as written (jax.nn.dot_product_attention); einsum / chunked: a "
+                         "proposed core patched in for this run (see einsum_attention, chunked_attention)")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--append-md", action="store_true")
+    ap.add_argument("--note", default="")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.jax_attention != "library":
+        import cdv2.modules.attention as attention_module
+
+        attention_module.multihead_attention = ATTENTION_VARIANTS[args.jax_attention]
+    model_cfg = plain_sd_config(args.channels, args.context_dim)
+    cfg = model_cfg.unet
+    b, L, n = args.batch, args.latent, args.tokens
+
+    # -- torch (diffusers) ---------------------------------------------------------------------
+    torch.manual_seed(0)
+    tmodel = diffusers_unet(cfg, L)
+    x_t = torch.randn(b, cfg.in_channels, L, L)
+    t_t = torch.full((b,), 500.0)
+    c_t = torch.randn(b, n, cfg.context_dim)
+    n_torch = sum(p.numel() for p in tmodel.parameters())
+
+    # -- jax (ours) ----------------------------------------------------------------------------
+    unet = UNet(cfg)
+    params = common.unet_params(model_cfg)
+    n_jax = sum(math.prod(p.shape) for p in jax.tree_util.tree_leaves(params))
+    x_j = jnp.asarray(x_t.numpy().transpose(0, 2, 3, 1))
+    t_j, c_j = jnp.asarray(t_t.numpy()), jnp.asarray(c_t.numpy())
+    fwd = jax.jit(lambda p, x, t, c: unet.apply({"params": p}, x, t, c))
+    t0 = time.perf_counter()
+    compiled = fwd.lower(params, x_j, t_j, c_j).compile()
+    compile_s = time.perf_counter() - t0
+
+    def run_jax():
+        return jax.block_until_ready(compiled(params, x_j, t_j, c_j))
+
+    def run_torch():
+        with torch.inference_mode():
+            return tmodel(x_t, t_t, encoder_hidden_states=c_t).sample
+
+    out_j, out_t = run_jax(), run_torch()
+    assert out_j.shape == tuple(out_t.permute(0, 2, 3, 1).shape), (out_j.shape, out_t.shape)
+    assert np.isfinite(np.asarray(out_j)).all() and torch.isfinite(out_t).all()
+
+    f_ours = unet_flops(cfg, (L, L), b, n, VANILLA)["total"]
+    f_torch = torch_flops(tmodel, x_t, t_t, c_t)
+    times = {"torch": [], "jax": []}
+    for _ in range(args.repeats):  # interleaved; one more warm-up each first
+        for name, fn in (("torch", run_torch), ("jax", run_jax)):
+            s = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - s)
+    res = {k: common.summarize(v) for k, v in times.items()}
+    ratio = res["torch"]["median_s"] / res["jax"]["median_s"]
+    ratio_min = res["torch"]["min_s"] / res["jax"]["min_s"]
+
+    info = common.device_info()
+    env = {k: os.environ.get(k, "") for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "XLA_FLAGS")}
+    affinity = sorted(os.sched_getaffinity(0))
+    print(common.device_line(info), f"| torch {torch.__version__}, {torch.get_num_threads()} threads | "
+          f"CPU affinity {affinity} | env {env} | jax attention: {args.jax_attention}")
+    print(f"U-Net mc={cfg.model_channels} ctx={cfg.context_dim}, latent {L}x{L}, batch {b}, {n} tokens, fp32")
+    print(f"params: ours {n_jax:,} vs diffusers {n_torch:,} ({'equal' if n_jax == n_torch else 'DIFFERENT'})")
+    print(f"FLOPs: analytic {f_ours / 1e9:.3f} GFLOP vs torch FlopCounterMode {f_torch / 1e9:.3f} GFLOP "
+          f"(ratio {f_torch / f_ours:.4f})")
+    print(f"jax compile {compile_s:.1f} s")
+    for k in ("torch", "jax"):
+        r = res[k]
+        print(f"{k:5s}: median {1e3 * r['median_s']:.1f} ms (min {1e3 * r['min_s']:.1f}, max {1e3 * r['max_s']:.1f}), "
+              f"{f_ours / r['median_s'] / 1e9:.1f} GFLOP/s")
+    print(f"torch/jax step-time ratio: {ratio:.3f} (medians), {ratio_min:.3f} (minimums); "
+          f"{'JAX faster' if ratio > 1 else 'torch faster'}")
+    payload = {"benchmark": "torch_compare", "command": common.command_line(), "device": info,
+               "torch": torch.__version__, "threads": torch.get_num_threads(), "env": env, "cpu_affinity": affinity,
+               "jax_attention": args.jax_attention,
+               "channels": cfg.model_channels, "context_dim": cfg.context_dim, "latent": L, "batch": b, "tokens": n,
+               "params_ours": n_jax, "params_diffusers": n_torch, "flops_analytic": f_ours, "flops_torch_counter": f_torch,
+               "jax_compile_s": compile_s, "results": res, "ratio_torch_over_jax_median": ratio,
+               "ratio_torch_over_jax_min": ratio_min, "note": args.note}
+    if args.json:
+        common.write_json(args.json, payload)
+    if args.append_md:
+        cols = ["impl", "median ms", "min–max ms", "GFLOP/s", "params", "GFLOP (analytic / torch counter)"]
+        rows = [[label, 1e3 * res[k]["median_s"], f"{1e3 * res[k]['min_s']:.1f}–{1e3 * res[k]['max_s']:.1f}",
+                 f_ours / res[k]["median_s"] / 1e9, f"{nn:,}", f"{g / 1e9:.3f}"]
+                for k, label, nn, g in (("torch", "torch (diffusers)", n_torch, f_torch),
+                                        ("jax", f"jax (cdv2, {args.jax_attention} attention)", n_jax, f_ours))]
+        notes = (f"plain SD2.1 U-Net, model_channels {cfg.model_channels}, context_dim {cfg.context_dim}, latent "
+                 f"{L}x{L}, batch {b}, {n} tokens, fp32, torch threads {torch.get_num_threads()}, CPU affinity "
+                 f"{affinity}, env {env}, jax attention {args.jax_attention}; median of {args.repeats} interleaved "
+                 f"warm runs; **torch/jax = {ratio:.2f}** (medians), {ratio_min:.2f} (minimums). {args.note}").strip()
+        common.append_markdown("torch (diffusers) vs JAX U-Net, CPU", cols, rows, notes, info)
+
+
+if __name__ == "__main__":
+    main()
