@@ -12,13 +12,15 @@ def _colorize_parser(sub):
     p.add_argument("--weights", help="cdv2 weights directory, or the authors' v2-full.safetensors (with --clip)")
     p.add_argument("--clip", help="open_clip ViT-H-14 weights, when --weights is the authors' file")
     p.add_argument("--config", default=None, help="model config for an authors' file (default v2)")
-    p.add_argument("--sketch", required=True)
-    p.add_argument("--reference", required=True)
+    p.add_argument("--sketch", help="the line drawing to colorize")
+    p.add_argument("--reference", help="the colour reference image")
     p.add_argument("--background", help="replace the background with this image (background modes)")
     p.add_argument("--sketch-mask", help="character mask of the sketch (white = character); estimated if absent")
     p.add_argument("--reference-mask", help="character mask of the reference; from alpha or estimated if absent")
     p.add_argument("--mode", default="full", choices=["vanilla", "style", "background", "full"])
-    p.add_argument("--out", required=True, help="output PNG (with --num-images > 1: NAME_0.png, NAME_1.png, ...)")
+    p.add_argument("--out", help="output PNG (with --num-images > 1: NAME_0.png, NAME_1.png, ...)")
+    p.add_argument("--demo-out", default="cdv2-demo", help="folder of the built-in demo (run when no weights "
+                   "and no inputs are given)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--sampler", default="dpmpp_2m", choices=["dpmpp_2m", "euler", "ddim"])
@@ -53,11 +55,22 @@ def _output_paths(out: str, n: int, overwrite: bool) -> list[Path]:
 def colorize_main(args) -> int:
     from cdv2.weights.pretrained import HOW_TO_GET_WEIGHTS
 
+    given = [f for f in ("sketch", "reference", "out") if getattr(args, f)]
+    if not args.weights and not given:  # nothing given at all: the built-in demo
+        print("no --weights given: running the built-in demo (a tiny model trained here on synthetic data).\n"
+              "To colorize your own sketches with the authors' model:\n" + HOW_TO_GET_WEIGHTS + "\n", flush=True)
+        from cdv2.demo import demo_parser, run_demo
+
+        run_demo(demo_parser().parse_args(["--out", args.demo_out, "--seed", str(args.seed)]))
+        return 0
     if not args.weights:
         print("error: no weights given (--weights).\n\n" + HOW_TO_GET_WEIGHTS
-              + "\n\nWithout weights, `cdv2 demo` trains a tiny model on synthetic data and colorizes with it.",
+              + "\n\n`cdv2 colorize` with no arguments (or `cdv2 demo`) runs the built-in demo instead.",
               file=sys.stderr)
         return 2
+    missing = [f"--{f}" for f in ("sketch", "reference", "out") if not getattr(args, f)]
+    if missing:
+        raise ValueError(f"colorizing needs {', '.join(missing)}")
     paths = _output_paths(args.out, args.num_images, args.overwrite)
     from cdv2.sample.colorizer import Colorizer
 

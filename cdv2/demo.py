@@ -23,8 +23,8 @@ def _log(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="cdv2 demo", description=__doc__,
+def demo_parser(prog: str = "cdv2 demo") -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="cdv2-demo", help="output folder (data, checkpoints, PNGs)")
     ap.add_argument("--train-seconds", type=float, default=180.0, help="time budget of the U-Net training")
@@ -34,10 +34,24 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=20, help="sampling steps")
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    if args.size % 64:
-        print("error: --size must be a multiple of 64", file=sys.stderr)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = demo_parser().parse_args(argv)
+    try:
+        run_demo(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 1
+    return 0
+
+
+def run_demo(args):
+    """Build data, fit the VAE, train, colorize held-out sketches; -> the trained tiny Colorizer.
+    Everything lives under `args.out`; a second run reuses the data and VAE and resumes training."""
+    if args.size % 64:
+        raise ValueError(f"--size must be a multiple of 64, got {args.size}")
     from cdv2.config import load_model_config
     from cdv2.model import build, init_params
     from cdv2.train.autoencoder import fit_vae
@@ -98,7 +112,7 @@ def main(argv=None) -> int:
     image_grid(rows, cell=args.size).save(out / "samples.png")
     _log(f"held-out colorizations (sketch | reference | output | ground truth): {out / 'samples.png'}")
     _log(f"done in {time.perf_counter() - t_start:.0f} s")
-    return 0
+    return col
 
 
 def _to_unit(img) -> np.ndarray:
