@@ -61,3 +61,17 @@ def tiny_params(oracle_dir, tiny_config):
     params, _ = load_pretrained(oracle_dir / "tiny_v2.safetensors",
                                 clip=str(oracle_dir / "tiny_openclip_visual.safetensors"), config=tiny_config)
     return params
+
+
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+    """A module-wide persistent XLA cache: tests that run the same program in several fresh
+    "processes" (train runs, resumes, demo re-runs) compile it once."""
+    import jax
+
+    old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    yield
+    jax.config.update("jax_compilation_cache_dir", old[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])

@@ -12,7 +12,7 @@ ARGS = ["--train-seconds", "4", "--vae-steps", "3", "--images", "12", "--size", 
         "--steps", "2"]
 
 
-def test_demo_writes_grid_and_curve_and_resumes(tmp_path):
+def test_demo_writes_grid_and_curve_and_resumes(tmp_path, compilation_cache):
     out = tmp_path / "demo"
     assert demo.main(["--out", str(out), *ARGS]) == 0
     grid = Image.open(out / "samples.png")
