@@ -58,8 +58,9 @@ PEAK_FLOPS = {
 def add_common_args(ap: argparse.ArgumentParser, repeats: int = 5) -> None:
     ap.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
                     help="compute dtype (auto: bf16 on GPU/TPU, fp32 on CPU)")
-    ap.add_argument("--attention", choices=("auto", "xla", "cudnn"), default="auto",
-                    help="jax.nn.dot_product_attention implementation (auto: cudnn on GPU, xla elsewhere)")
+    ap.add_argument("--attention", choices=("auto", "xla", "chunked", "cudnn", "library"), default="auto",
+                    help="attention implementation (cdv2.model.resolve_attention; auto: cudnn on GPU in bf16, "
+                         "chunked XLA on CPU, XLA elsewhere)")
     ap.add_argument("--repeats", type=int, default=repeats, help="timed runs (median reported)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed runs after compiling")
     ap.add_argument("--peak-tflops", type=float, default=None, help="override the MFU peak (TFLOP/s)")
@@ -73,8 +74,10 @@ def resolve_dtype_attention(args) -> tuple[Any, Optional[str]]:
     dtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16}.get(args.dtype)
     if dtype is None:
         dtype = jnp.float32 if backend == "cpu" else jnp.bfloat16
-    impl = {"xla": None, "cudnn": "cudnn"}.get(args.attention, "cudnn" if backend == "gpu" else None)
-    return dtype, impl
+    from cdv2.model import resolve_attention
+
+    impl = resolve_attention(args.attention, dtype, backend)
+    return dtype, None if impl == "xla" else impl
 
 
 def dtype_name(dtype) -> str:

@@ -5,9 +5,12 @@ shape, diffusers' `UNet2DConditionModel` in the SD2.1 layout.
     python -m benchmarks.torch_compare --channels 128 --latent 48 --repeats 7
 
 Both sides: fp32, all cores (torch.set_num_threads(os.cpu_count()); XLA's CPU thread pool uses
-all cores by default), warm, median of `--repeats` runs taken INTERLEAVED (torch, jax, torch, ...)
-so that load from other processes on a shared machine hits both alike. torch runs under
-`torch.inference_mode()`; jax runs the whole U-Net as one jitted function.
+all cores by default), warm. Timing (default `--isolate`): each side runs in its own child
+process, alternating torch, jax, torch, jax ... for `--rounds` rounds of `--repeats` warm runs, so
+load from other processes hits both alike and neither framework's idle thread pool (OpenMP's and
+Eigen's spin-waiting workers) steals cores from the other, which biased the old in-process
+interleaving by up to 2.5x against whichever side ran second (`--no-isolate` keeps that mode).
+torch runs under `torch.inference_mode()`; jax runs the whole U-Net as one jitted function.
 
 Same function, checked shape-wise: the v2 config with `warp_module=False, style_modulation=False,
 lora_rank=0` (the plain SD2.1 U-Net) must have exactly diffusers' parameter count, the same
@@ -18,8 +21,10 @@ per block (a known naming quirk), so it gets C_i / num_head_channels.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
+import subprocess
 import time
 
 import jax
@@ -32,42 +37,14 @@ from cdv2.config import load_model_config
 from cdv2.modules.unet import UNet
 
 
-def _heads_first(a, heads: int):
-    b, n, c = a.shape
-    return a.reshape(b, n, heads, c // heads).transpose(0, 2, 1, 3)
+def _child_times(side: str, argv) -> list:
+    """Run this script as a timing child for one side; -> its warm step times (s)."""
+    import sys
 
-
-def einsum_attention(q, k, v, heads: int, implementation=None):
-    """The PROPOSED XLA attention core (an experiment here; cdv2/modules/attention.py is unchanged):
-    heads in front, q pre-scaled by 1/sqrt(d), (b,h,q,d) x (b,h,k,d) -> fp32 softmax -> (b,h,q,d).
-    On XLA:CPU this avoids the transposed copy of the whole probability matrix that the (b,q,h,d)
-    einsums of jax.nn.dot_product_attention's XLA path make before the AV product, and the
-    full-size broadcast of the scale that dividing the scores creates."""
-    b, n, c = q.shape
-    d = c // heads
-    s = jnp.einsum("bhqd,bhkd->bhqk", _heads_first(q * (d ** -0.5), heads), _heads_first(k, heads))
-    p = jax.nn.softmax(s.astype(jnp.float32), axis=-1).astype(q.dtype)
-    return jnp.einsum("bhqk,bhkd->bhqd", p, _heads_first(v, heads)).transpose(0, 2, 1, 3).reshape(b, n, c)
-
-
-def chunked_attention(q, k, v, heads: int, implementation=None, chunk: int = 256):
-    """`einsum_attention` over blocks of `chunk` queries in a `lax.map` loop, so that each block's
-    score matrix stays in cache (what torch's CPU flash kernel gets by tiling). Exact."""
-    b, n, c = q.shape
-    if n <= chunk or n % chunk:
-        return einsum_attention(q, k, v, heads)
-    d = c // heads
-    qh = _heads_first(q * (d ** -0.5), heads).reshape(b, heads, n // chunk, chunk, d).transpose(2, 0, 1, 3, 4)
-    kh, vh = _heads_first(k, heads), _heads_first(v, heads)
-
-    def block(qb):
-        p = jax.nn.softmax(jnp.einsum("bhqd,bhkd->bhqk", qb, kh).astype(jnp.float32), axis=-1).astype(q.dtype)
-        return jnp.einsum("bhqk,bhkd->bhqd", p, vh)
-
-    return jax.lax.map(block, qh).transpose(1, 0, 3, 2, 4).reshape(b, n, c)
-
-
-ATTENTION_VARIANTS = {"einsum": einsum_attention, "chunked": chunked_attention}
+    cmd = [sys.executable, "-m", "benchmarks.torch_compare", *(sys.argv[1:] if argv is None else argv), "--child", side]
+    cmd = [a for a in cmd if a != "--append-md"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def plain_sd_config(channels: int, context_dim: int = 1024):
@@ -119,9 +96,12 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                     help="torch threads (default: the CPUs this process may run on; XLA sizes its pool the same way)")
-    ap.add_argument("--jax-attention", choices=("library", *ATTENTION_VARIANTS), default="library",
-                    help="library: the model as written (jax.nn.dot_product_attention); einsum / chunked: a "
-                         "proposed core patched in for this run (see einsum_attention, chunked_attention)")
+    ap.add_argument("--jax-attention", choices=("auto", "xla", "chunked", "library"), default="auto",
+                    help="cdv2.model.resolve_attention (auto: chunked XLA attention on CPU)")
+    ap.add_argument("--rounds", type=int, default=3, help="child processes per side (with --isolate)")
+    ap.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
+                    help="time each side in its own child processes (default) instead of interleaving in this one")
+    ap.add_argument("--child", choices=("torch", "jax"), help=argparse.SUPPRESS)
     ap.add_argument("--json", default=None)
     ap.add_argument("--append-md", action="store_true")
     ap.add_argument("--note", default="")
@@ -130,10 +110,9 @@ def main(argv=None):
     import torch
 
     torch.set_num_threads(args.threads)
-    if args.jax_attention != "library":
-        import cdv2.modules.attention as attention_module
+    from cdv2.model import resolve_attention
 
-        attention_module.multihead_attention = ATTENTION_VARIANTS[args.jax_attention]
+    args.jax_attention = resolve_attention(args.jax_attention, jnp.float32) or "xla"
     model_cfg = plain_sd_config(args.channels, args.context_dim)
     cfg = model_cfg.unet
     b, L, n = args.batch, args.latent, args.tokens
@@ -147,7 +126,7 @@ def main(argv=None):
     n_torch = sum(p.numel() for p in tmodel.parameters())
 
     # -- jax (ours) ----------------------------------------------------------------------------
-    unet = UNet(cfg)
+    unet = UNet(cfg, args.jax_attention)
     params = common.unet_params(model_cfg)
     n_jax = sum(math.prod(p.shape) for p in jax.tree_util.tree_leaves(params))
     x_j = jnp.asarray(x_t.numpy().transpose(0, 2, 3, 1))
@@ -170,12 +149,29 @@ def main(argv=None):
 
     f_ours = unet_flops(cfg, (L, L), b, n, VANILLA)["total"]
     f_torch = torch_flops(tmodel, x_t, t_t, c_t)
-    times = {"torch": [], "jax": []}
-    for _ in range(args.repeats):  # interleaved; one more warm-up each first
-        for name, fn in (("torch", run_torch), ("jax", run_jax)):
+    if args.child:  # a timing child: warm up, time, report, exit
+        fn = run_torch if args.child == "torch" else run_jax
+        time.sleep(1.0)  # the checks above ran both sides: let the other's pool threads stop spinning
+        fn()
+        times = []
+        for _ in range(args.repeats):
             s = time.perf_counter()
             fn()
-            times[name].append(time.perf_counter() - s)
+            times.append(time.perf_counter() - s)
+        print(json.dumps(times))
+        return
+    times = {"torch": [], "jax": []}
+    if args.isolate:
+        del tmodel, params, compiled
+        for _ in range(args.rounds):
+            for name in ("torch", "jax"):
+                times[name] += _child_times(name, argv)
+    else:
+        for _ in range(args.repeats):  # interleaved in this process; one more warm-up each first
+            for name, fn in (("torch", run_torch), ("jax", run_jax)):
+                s = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - s)
     res = {k: common.summarize(v) for k, v in times.items()}
     ratio = res["torch"]["median_s"] / res["jax"]["median_s"]
     ratio_min = res["torch"]["min_s"] / res["jax"]["min_s"]
@@ -213,8 +209,9 @@ def main(argv=None):
                                         ("jax", f"jax (cdv2, {args.jax_attention} attention)", n_jax, f_ours))]
         notes = (f"plain SD2.1 U-Net, model_channels {cfg.model_channels}, context_dim {cfg.context_dim}, latent "
                  f"{L}x{L}, batch {b}, {n} tokens, fp32, torch threads {torch.get_num_threads()}, CPU affinity "
-                 f"{affinity}, env {env}, jax attention {args.jax_attention}; median of {args.repeats} interleaved "
-                 f"warm runs; **torch/jax = {ratio:.2f}** (medians), {ratio_min:.2f} (minimums). {args.note}").strip()
+                 f"{affinity}, env {env}, jax attention {args.jax_attention}; median of "
+                 f"{len(times['jax'])} warm runs "
+                 f"({f'{args.rounds} alternating child processes per side' if args.isolate else 'interleaved in one process'}); **torch/jax = {ratio:.2f}** (medians), {ratio_min:.2f} (minimums). {args.note}").strip()
         common.append_markdown("torch (diffusers) vs JAX U-Net, CPU", cols, rows, notes, info)
 
 

@@ -34,10 +34,25 @@ class Components:
     clip: Any
 
 
+def resolve_attention(attention_impl: Optional[str], dtype=jnp.float32, backend: Optional[str] = None):
+    """"auto" -> the fastest exact attention for the backend: cuDNN flash attention on GPU in
+    fp16/bf16 (it has no fp32 kernel), query-chunked XLA attention on CPU, plain XLA attention
+    elsewhere (TPU). Any other value is passed on unchanged (see `multihead_attention`)."""
+    if attention_impl != "auto":
+        return attention_impl
+    backend = backend or jax.default_backend()
+    if backend == "gpu" and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return "cudnn"
+    return "chunked" if backend == "cpu" else None
+
+
 def build(cfg: ModelConfig, dtype=jnp.float32, param_dtype=jnp.float32,
-          attention_impl: Optional[str] = None) -> Components:
+          attention_impl: Optional[str] = "auto") -> Components:
+    """The model's modules. `attention_impl`: "auto" (`resolve_attention`) or an explicit choice."""
     from cdv2.modules.clip import VisionTransformer
     from cdv2.modules.vae import AutoencoderKL
+
+    attention_impl = resolve_attention(attention_impl, dtype)
 
     return Components(
         unet=UNet(cfg.unet, attention_impl, dtype, param_dtype),

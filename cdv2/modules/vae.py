@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from cdv2.config import VAEConfig
+from cdv2.modules.attention import multihead_attention
 
 Dtype = Any
 
@@ -72,9 +73,9 @@ class AttnBlock(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         b, hh, ww, c = x.shape
         h = _group_norm(x, "norm", **kw)
-        q, k, v = (_conv(c, 1, n, **kw)(h).reshape(b, hh * ww, 1, c) for n in ("q", "k", "v"))
-        # scale 1/sqrt(c), softmax over keys (computed in fp32 by the XLA implementation)
-        h = jax.nn.dot_product_attention(q, k, v).reshape(b, hh, ww, c)
+        q, k, v = (_conv(c, 1, n, **kw)(h).reshape(b, hh * ww, c) for n in ("q", "k", "v"))
+        # one head: scale 1/sqrt(c), softmax over keys in fp32
+        h = multihead_attention(q, k, v, 1).reshape(b, hh, ww, c)
         return x.astype(self.dtype) + _conv(c, 1, "proj_out", **kw)(h)
 
 

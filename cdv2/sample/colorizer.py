@@ -43,7 +43,7 @@ _noise_jit = jax.jit(_noise, static_argnums=1)
 
 
 class Colorizer:
-    def __init__(self, params, config: ModelConfig, dtype: str = "float32", attention_impl: Optional[str] = None):
+    def __init__(self, params, config: ModelConfig, dtype: str = "float32", attention_impl: Optional[str] = "auto"):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         self.config = config
@@ -52,7 +52,7 @@ class Colorizer:
 
     @classmethod
     def from_pretrained(cls, path, clip: Optional[str] = None, *, config=None, dtype: str = "float32",
-                        attention_impl: Optional[str] = None) -> "Colorizer":
+                        attention_impl: Optional[str] = "auto") -> "Colorizer":
         """`path`: a cdv2 weights directory, or the authors' v2 checkpoint (then `clip` names an
         open_clip ViT-H-14 file); see `cdv2.weights.pretrained.HOW_TO_GET_WEIGHTS`."""
         from cdv2.weights.pretrained import load_pretrained

@@ -49,7 +49,7 @@ def mode_flags(mode: str) -> tuple[bool, bool]:
 class Pipeline:
     """Holds the Flax modules and the jitted functions; params are always arguments."""
 
-    def __init__(self, config: ModelConfig, dtype=jnp.float32, attention_impl: Optional[str] = None):
+    def __init__(self, config: ModelConfig, dtype=jnp.float32, attention_impl: Optional[str] = "auto"):
         self.config = config
         self.components = build(config, dtype=dtype, attention_impl=attention_impl)
         self.trace_counts = {"prepare": 0, "denoise": 0, "decode": 0}  # bumped at trace time only

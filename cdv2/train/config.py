@@ -74,7 +74,7 @@ class TrainConfig:
     # precision, memory, parallelism
     compute_dtype: str = "float32"    # params are always fp32 master weights
     remat: str = "none"
-    attention_impl: Optional[str] = None   # jax.nn.dot_product_attention implementation ("cudnn", ...)
+    attention_impl: Optional[str] = "auto"  # cdv2.model.resolve_attention: auto, xla, chunked, cudnn, library
     mesh: MeshConfig = MeshConfig()
     sharding_rules: tuple[ShardingRule, ...] = (ShardingRule(".*", "auto"),)
     min_shard_size: int = 2 ** 16     # "auto" replicates leaves with fewer elements than this
