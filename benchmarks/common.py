@@ -288,6 +288,20 @@ def command_line() -> str:
     return shlex.join(["python", "-m", f"benchmarks.{Path(sys.argv[0]).stem}", *sys.argv[1:]])
 
 
+def finish(benchmark: str, args, info: dict, rows: list, **fields) -> dict:
+    """Print the peak memory and write the JSON payload (when --json); -> the memory record."""
+    mem = peak_memory_bytes()
+    print(f"peak memory ({mem['kind']}): {mem['bytes'] / 2**30:.2f} GiB")
+    if args.json:
+        write_json(args.json, {"benchmark": benchmark, "command": command_line(), "device": info, **fields,
+                               "peak_memory": mem, "rows": rows, "note": args.note})
+    return mem
+
+
+def percent(fraction: Optional[float]) -> str:
+    return "n/a" if fraction is None else f"{100 * fraction:.1f}%"
+
+
 def write_json(path: str, payload: dict) -> None:
     Path(path).write_text(json.dumps(payload, indent=2, default=str) + "\n")
     print(f"wrote {path}")

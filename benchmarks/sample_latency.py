@@ -98,13 +98,8 @@ def main(argv=None):
               f"(min {r['total']['min_s']:.3f}, max {r['total']['max_s']:.3f}) = prepare "
               f"{r['prepare']['median_s']:.3f} + denoise {r['denoise']['median_s']:.3f} ({r['ms_per_step']:.1f} ms/step)"
               f" + decode {r['decode']['median_s']:.3f}; compile ~{r['total_compile_s']:.1f} s", flush=True)
-    mem = common.peak_memory_bytes()
-    print(f"peak memory ({mem['kind']}): {mem['bytes'] / 2**30:.2f} GiB")
-    payload = {"benchmark": "sample_latency", "command": common.command_line(), "device": info,
-               "config": args.config, "overrides": args.set, "size": args.size, "dtype": common.dtype_name(dtype),
-               "attention": impl or "xla", "peak_memory": mem, "rows": rows, "note": args.note}
-    if args.json:
-        common.write_json(args.json, payload)
+    mem = common.finish("sample_latency", args, info, rows, config=args.config, overrides=args.set, size=args.size,
+                        dtype=common.dtype_name(dtype), attention=impl or "xla")
     if args.append_md:
         cols = ["mode", "px", "steps", "images", "branches", "total s (median)", "min–max s", "prepare s",
                 "denoise s", "ms/step", "decode s", "compile s (first − warm)"]

@@ -122,23 +122,17 @@ def main(argv=None):
     for stage in args.stages:
         row = bench_stage(stage, model_cfg, params, args, dtype_name)
         rows.append(row)
-        mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a"
         print(f"stage {stage} {args.size}px x{args.batch}{' cached' if row['cached'] else ''}: "
               f"{row['ms_step']:.0f} ms/step (min {row['ms_min']:.0f}, max {row['ms_max']:.0f}), "
               f"{row['images_per_s']:.2f} images/s, model {row['model_tflop_step']:.4f} TFLOP/step, "
-              f"MFU {mfu}, compile {row['compile_s']:.1f} s", flush=True)
-    mem = common.peak_memory_bytes()
-    print(f"peak memory ({mem['kind']}): {mem['bytes'] / 2**30:.2f} GiB")
-    payload = {"benchmark": "train_step", "command": common.command_line(), "device": info, "config": args.config,
-               "overrides": args.set, "dtype": dtype_name, "peak_memory": mem, "rows": rows, "note": args.note}
-    if args.json:
-        common.write_json(args.json, payload)
+              f"MFU {common.percent(row['mfu'])}, compile {row['compile_s']:.1f} s", flush=True)
+    mem = common.finish("train_step", args, info, rows, config=args.config, overrides=args.set, dtype=dtype_name)
     if args.append_md:
         cols = ["stage", "px", "batch", "cached", "ms/step (median)", "min–max ms", "images/s",
                 "model TFLOP/step", "XLA TFLOP/step", "MFU", "compile s"]
         table = [[r["stage"], r["size"], r["batch"], "yes" if r["cached"] else "no", r["ms_step"],
                   f"{r['ms_min']:.0f}–{r['ms_max']:.0f}", r["images_per_s"], r["model_tflop_step"],
-                  r["xla_tflop_step"] or None, None if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
+                  r["xla_tflop_step"] or None, common.percent(r["mfu"]),
                   r["compile_s"]] for r in rows]
         notes = (f"config {args.config} {' '.join(args.set)}, compute {dtype_name}, fp32 master weights + AdamW, "
                  f"remat {args.remat}, one device, median of {args.repeats}; model FLOPs = 3 x analytic U-Net "

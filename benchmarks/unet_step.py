@@ -83,24 +83,18 @@ def main(argv=None):
         for images in args.batch:
             row = bench_one(model_cfg, params, mode_name, args.size, images, branches, args.tokens, dtype, impl, args)
             rows.append(row)
-            mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a"
             print(f"{mode_name:8s} {args.size}px x{images} (U-Net batch {row['unet_batch']}): "
                   f"{row['ms_step']:.1f} ms/step (min {row['ms_min']:.1f}, max {row['ms_max']:.1f}), "
-                  f"{row['image_steps_per_s']:.2f} image-steps/s, {row['tflops']:.3f} TFLOP/s, MFU {mfu}, "
+                  f"{row['image_steps_per_s']:.2f} image-steps/s, {row['tflops']:.3f} TFLOP/s, MFU {common.percent(row['mfu'])}, "
                   f"compile {row['compile_s']:.1f} s", flush=True)
-    mem = common.peak_memory_bytes()
-    print(f"peak memory ({mem['kind']}): {mem['bytes'] / 2**30:.2f} GiB")
-    payload = {"benchmark": "unet_step", "command": common.command_line(), "device": info, "config": args.config,
-               "overrides": args.set, "dtype": common.dtype_name(dtype), "attention": impl or "xla",
-               "branches": list(branches), "peak_memory": mem, "rows": rows, "note": args.note}
-    if args.json:
-        common.write_json(args.json, payload)
+    mem = common.finish("unet_step", args, info, rows, config=args.config, overrides=args.set,
+                        dtype=common.dtype_name(dtype), attention=impl or "xla", branches=list(branches))
     if args.append_md:
         cols = ["mode", "px", "images", "U-Net batch", "ms/step (median)", "min–max ms", "image-steps/s",
                 "TFLOP/step", "TFLOP/s", "MFU", "compile s"]
         table = [[r["mode"], r["size"], r["images"], r["unet_batch"], r["ms_step"], f"{r['ms_min']:.1f}–{r['ms_max']:.1f}",
                   r["image_steps_per_s"], r["tflop_step"], r["tflops"],
-                  None if r["mfu"] is None else f"{100 * r['mfu']:.1f}%", r["compile_s"]] for r in rows]
+                  common.percent(r["mfu"]), r["compile_s"]] for r in rows]
         notes = (f"config {args.config} {' '.join(args.set)}, {common.dtype_name(dtype)}, attention "
                  f"{impl or 'xla'}, {len(branches)} guidance branches, median of {args.repeats}; peak memory "
                  f"({mem['kind']}) {mem['bytes'] / 2**30:.2f} GiB. {args.note}").strip()
