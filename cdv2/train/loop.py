@@ -19,7 +19,7 @@ from cdv2.model import init_params
 from cdv2.train.checkpoint import Checkpointer
 from cdv2.train.config import TrainConfig
 from cdv2.train.data import iterator_state, make_train_iterator, restore_iterator
-from cdv2.train.feedback import MetricsWriter, image_grid
+from cdv2.train.feedback import MetricsWriter
 from cdv2.train.mesh import make_mesh, maybe_initialize_distributed, shard_batch, train_shardings
 from cdv2.train.stages import make_optimizer
 from cdv2.train.step import build_components, create_train_state, make_train_step, train_state_shapes
@@ -63,7 +63,9 @@ def initial_params(cfg: TrainConfig, model_cfg: ModelConfig, seed: int):
 
 def train(cfg: TrainConfig, opts: RunOptions, *, params=None,
           on_sample: Optional[Callable[[int, object], None]] = None) -> RunResult:
-    """Run (or resume) training. `params`: starting weights (else `initial_params`)."""
+    """Run (or resume) training. `params`: starting weights (else `initial_params`). `on_sample`
+    (step, state) runs every `cfg.sample_every` steps; by default a `TrainingSampler` writes
+    sample grids to WORKDIR/samples."""
     maybe_initialize_distributed()
     model_cfg = load_model_config(cfg.model)
     workdir = Path(opts.workdir)
@@ -92,6 +94,14 @@ def train(cfg: TrainConfig, opts: RunOptions, *, params=None,
                                  multiple=opts.multiple, worker_count=opts.worker_count,
                                  shard_index=jax.process_index(), shard_count=jax.process_count())
     writer = MetricsWriter(workdir / "tensorboard", enabled=is_main)
+    sampler = None
+    if on_sample is None and cfg.sample_every and is_main:
+        if jax.process_count() > 1:
+            print("note: sample grids are single-process only; skipped (sample_every ignored)")
+        else:
+            from cdv2.train.sampling import TrainingSampler
+
+            sampler = on_sample = TrainingSampler(model_cfg, workdir / "samples")
     total = opts.max_steps or cfg.total_steps
     start = int(jax.device_get(state.step))
     bar = tqdm(total=total, initial=start, desc=f"stage {cfg.stage}", unit="step",
@@ -101,6 +111,8 @@ def train(cfg: TrainConfig, opts: RunOptions, *, params=None,
     try:
         while total is None or int(start + len(steps)) < total:
             batch = next(it)
+            if sampler is not None:
+                sampler.take(batch)
             sharded = shard_batch({k: v for k, v in batch.items()}, shardings.batch)
             state, metrics = step_fn(state, sharded)
             step = start + len(steps) + 1
@@ -136,12 +148,3 @@ def train(cfg: TrainConfig, opts: RunOptions, *, params=None,
         it.close()
     elapsed = time.perf_counter() - t_first
     return RunResult(steps, losses, state, resumed_from, seen / elapsed if seen else 0.0)
-
-
-def sample_grid_rows(batch: dict, outputs) -> list:
-    """(sketch, reference, output) rows for a PNG grid."""
-    return [[batch["sketch"][i], batch["reference"][i], outputs[i]] for i in range(len(outputs))]
-
-
-def save_sample_grid(path, batch: dict, outputs) -> None:
-    image_grid(sample_grid_rows(batch, outputs)).save(path)
