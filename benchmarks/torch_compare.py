@@ -25,6 +25,7 @@ import json
 import math
 import os
 import subprocess
+import sys
 import time
 
 import jax
@@ -39,8 +40,6 @@ from cdv2.modules.unet import UNet
 
 def _child_times(side: str, argv) -> list:
     """Run this script as a timing child for one side; -> its warm step times (s)."""
-    import sys
-
     cmd = [sys.executable, "-m", "benchmarks.torch_compare", *(sys.argv[1:] if argv is None else argv), "--child", side]
     cmd = [a for a in cmd if a != "--append-md"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout

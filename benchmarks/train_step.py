@@ -57,7 +57,7 @@ def random_batch(model_cfg, b: int, size: int, cached: bool, seed: int = 0) -> d
 
 def bench_stage(stage, model_cfg, params, args, dtype_name):
     overrides = {"model": args.config, "batch_size": args.batch, "compute_dtype": dtype_name,
-                 "remat": args.remat, "inpaint_p": 0.1}
+                 "remat": args.remat}
     cached = args.cached and stage == 1
     if stage == 3:
         overrides["bg_path_p"] = 1.0

@@ -55,8 +55,8 @@ def _output_paths(out: str, n: int, overwrite: bool) -> list[Path]:
 def colorize_main(args) -> int:
     from cdv2.weights.pretrained import HOW_TO_GET_WEIGHTS
 
-    given = [f for f in ("sketch", "reference", "out") if getattr(args, f)]
-    if not args.weights and not given:  # nothing given at all: the built-in demo
+    missing = [f"--{f}" for f in ("sketch", "reference", "out") if not getattr(args, f)]
+    if not args.weights and len(missing) == 3:  # nothing given at all: the built-in demo
         print("no --weights given: running the built-in demo (a tiny model trained here on synthetic data).\n"
               "To colorize your own sketches with the authors' model:\n" + HOW_TO_GET_WEIGHTS + "\n", flush=True)
         from cdv2.demo import demo_parser, run_demo
@@ -68,7 +68,6 @@ def colorize_main(args) -> int:
               + "\n\n`cdv2 colorize` with no arguments (or `cdv2 demo`) runs the built-in demo instead.",
               file=sys.stderr)
         return 2
-    missing = [f"--{f}" for f in ("sketch", "reference", "out") if not getattr(args, f)]
     if missing:
         raise ValueError(f"colorizing needs {', '.join(missing)}")
     paths = _output_paths(args.out, args.num_images, args.overwrite)

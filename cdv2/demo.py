@@ -19,6 +19,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from flax import traverse_util
 
 
 def _log(msg: str) -> None:
@@ -76,7 +77,7 @@ def run_demo(args):
     vae_file = out / "vae.npz"
     if vae_file.is_file():  # a previous demo run fitted it already
         saved = dict(np.load(vae_file))
-        params["vae"] = _unflatten(saved)
+        params["vae"] = traverse_util.unflatten_dict(saved, sep="/")
     else:
         _log(f"fitting the tiny VAE ({args.vae_steps} steps)...")
         it = make_train_iterator(data, batch_size=args.batch, seed=args.seed, resolution=args.size)
@@ -85,7 +86,7 @@ def run_demo(args):
                                 on_step=lambda i, rec: (i % 50 == 0) and _log(f"  vae step {i}: recon {rec:.4f}"))
         it.close()
         params["vae"] = jax.tree_util.tree_map(np.asarray, params["vae"])
-        np.savez(vae_file, **_flatten(params["vae"]))
+        np.savez(vae_file, **traverse_util.flatten_dict(params["vae"], sep="/"))
 
     cfg = load_train_config("stage1", {"model": "tiny", "batch_size": args.batch, "compute_dtype": "float32",
                                        "optim.lr": 5e-4, "optim.warmup_steps": 20, "optim.grad_clip_norm": 1.0,
@@ -121,27 +122,6 @@ def run_demo(args):
 
 def _to_unit(img) -> np.ndarray:
     return np.asarray(img.convert("RGB"), np.float32) / 127.5 - 1.0
-
-
-def _flatten(tree, prefix=""):
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}/"))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _unflatten(flat: dict) -> dict:
-    tree: dict = {}
-    for key, v in flat.items():
-        node = tree
-        *parents, leaf = key.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return tree
 
 
 if __name__ == "__main__":

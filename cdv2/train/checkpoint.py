@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from cdv2.train.stages import path_str
+
 
 class Checkpointer:
     def __init__(self, directory, *, every: int, keep: int = 3, async_save: bool = True):
@@ -65,21 +67,17 @@ def abstract_like(state: Any) -> Any:
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), state)
 
 
-def _name(key_path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in key_path)
-
-
 def _nonempty(tree: Any) -> dict:
     """Flat {path: leaf} without zero-size leaves, which orbax cannot store (e.g. a 64-channel-head
     warp module narrower than 64 channels in tiny configs has (C, 0) kernels)."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {_name(p): x for p, x in leaves if math.prod(x.shape) > 0}
+    return {path_str(p): x for p, x in leaves if math.prod(x.shape) > 0}
 
 
 def _refill(abstract: Any, flat: dict) -> Any:
     """Rebuild the pytree of `abstract` from restored non-empty leaves (+ zeros for the empty ones)."""
     def leaf(p, x):
-        got = flat.get(_name(p))
+        got = flat.get(path_str(p))
         if got is not None:
             return got
         return jax.device_put(jnp.zeros(x.shape, x.dtype), x.sharding) if x.sharding else jnp.zeros(x.shape, x.dtype)

@@ -108,6 +108,7 @@ def train(cfg: TrainConfig, opts: RunOptions, *, params=None,
                disable=not (opts.progress and is_main))
     steps, losses = [], []
     t0, t_first, seen = time.perf_counter(), time.perf_counter(), 0
+    pending = None  # the last step's loss, still on the device
     try:
         while total is None or int(start + len(steps)) < total:
             batch = next(it)
@@ -116,13 +117,18 @@ def train(cfg: TrainConfig, opts: RunOptions, *, params=None,
             sharded = shard_batch({k: v for k, v in batch.items()}, shardings.batch)
             state, metrics = step_fn(state, sharded)
             step = start + len(steps) + 1
-            loss = float(metrics["loss"])  # one small host transfer per step, for the curve
+            # losses are read one step late: the host waits for the previous step, never for the one
+            # just dispatched, so data loading and dispatch overlap with device compute
+            if pending is not None:
+                losses.append(float(pending))
+            pending = metrics["loss"]
             if len(steps) == 0:  # throughput excludes the first step's compilation
+                losses.append(float(pending))
+                pending = None
                 t_first = time.perf_counter()
             else:
                 seen += cfg.batch_size
             steps.append(step)
-            losses.append(loss)
             if cfg.log_every and step % cfg.log_every == 0 or step == 1:
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 m["images_per_s"] = seen / max(time.perf_counter() - t_first, 1e-9)
@@ -138,6 +144,8 @@ def train(cfg: TrainConfig, opts: RunOptions, *, params=None,
                 break
             if opts.time_budget_s is not None and time.perf_counter() - t0 > opts.time_budget_s:
                 break
+        if pending is not None:
+            losses.append(float(pending))
         last = start + len(steps)
         if last > start and last != ckpt.latest_step():
             ckpt.save(last, state, iterator_state(it), force=True)

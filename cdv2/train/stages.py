@@ -40,7 +40,8 @@ def is_trainable(path: str, stage: int) -> bool:
 
 
 def path_str(key_path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in key_path)
+    """"a/b/0/c" for a jax key path (dict keys, attribute names, sequence indices)."""
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in key_path)
 
 
 def trainable_mask(params, stage: int):
