@@ -22,7 +22,7 @@ from benchmarks.unet_step import parse_overrides
 from cdv2.config import load_model_config
 from cdv2.model import param_shapes
 from cdv2.sample.conditions import Inputs, Strengths
-from cdv2.sample.guidance import branches_for
+from cdv2.diffusion.guidance import branches_for
 from cdv2.sample.pipeline import MODES, Guidance, Pipeline
 
 

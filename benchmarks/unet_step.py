@@ -23,7 +23,7 @@ from benchmarks import common
 from benchmarks.flops import FULL, VANILLA, unet_flops
 from cdv2.config import load_model_config
 from cdv2.modules.unet import UNet
-from cdv2.sample import guidance
+from cdv2.diffusion import guidance
 
 MODES = {"vanilla": (VANILLA, 1), "full": (FULL, 2)}  # mode -> (U-Net parts, context tokens x)
 

@@ -6,7 +6,7 @@ from PIL import Image, ImageDraw
 
 from cdv2.cli import main as cli_main
 from cdv2.sample.colorizer import Colorizer
-from cdv2.sample.guidance import branches_for, combine
+from cdv2.diffusion.guidance import branches_for, combine
 from cdv2.sample.scales import reference_scales
 
 

@@ -287,7 +287,7 @@ def test_weights_dir_load_errors_name_what_is_wrong(tmp_path, tiny_converted):
 
 
 def test_command_line_tools_round_trip_and_fail_cleanly(tmp_path, tiny_path, capsys):
-    from cdv2.weights import convert_cli as convert, export_cli as export
+    from cdv2.cli import convert, export
 
     w = tmp_path / "w"
     assert convert.main(["--checkpoint", str(tiny_path), "--config", "tiny", "--out", str(w),

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from cdv2.sample.conditions import Inputs, Strengths
-from cdv2.sample.guidance import branches_for
+from cdv2.diffusion.guidance import branches_for
 from cdv2.sample.pipeline import Guidance, Pipeline
 from conftest import nchw_to_nhwc, nhwc_to_nchw, rel_err
 

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from cdv2.sample import schedule as sch
-from cdv2.sample.solvers import make_sampler
+from cdv2.diffusion import parameterization as par
+from cdv2.diffusion import schedule as sch
+from cdv2.diffusion.diffusers_samplers import make_sampler
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -99,10 +100,10 @@ def test_v_conversions_roundtrip_and_diffusers():
     ac = sch.diffusers_alphas_cumprod().astype(np.float64)
     t = np.array([3, 700])
     a = ac[t][:, None, None, None]
-    x_t = sch.q_sample(x0, eps, a)
-    v = sch.get_v(x0, eps, a)
-    np.testing.assert_allclose(sch.v_to_x0(x_t, v, a), x0, atol=1e-12)
-    np.testing.assert_allclose(sch.v_to_eps(x_t, v, a), eps, atol=1e-12)
+    x_t = par.q_sample(x0, eps, a)
+    v = par.get_v(x0, eps, a)
+    np.testing.assert_allclose(par.v_to_x0(x_t, v, a), x0, atol=1e-12)
+    np.testing.assert_allclose(par.v_to_eps(x_t, v, a), eps, atol=1e-12)
     ref = diffusers.DDIMScheduler(**COMMON)
     ref.alphas_cumprod = torch.from_numpy(ac)  # float64 so the comparison is tight
     tx0, teps, tt = torch.from_numpy(x0), torch.from_numpy(eps), torch.from_numpy(t)

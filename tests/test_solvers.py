@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cdv2.sample.solvers import SamplerState, make_sampler
+from cdv2.diffusion.diffusers_samplers import SamplerState, make_sampler
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")

@@ -48,7 +48,7 @@ def test_killed_and_resumed_run_repeats_the_uninterrupted_one(dataset, tmp_path,
 
 def test_cli_entry_point_trains_from_weights_and_reports_bad_config(dataset, tmp_path, capsys, tiny_params,
                                                                    tiny_config):
-    from cdv2.train.__main__ import main
+    from cdv2.cli.train import main
     from cdv2.weights.weights_dir import save_weights_dir
 
     weights = save_weights_dir(tmp_path / "init", tiny_params, tiny_config)  # fine-tuning start point

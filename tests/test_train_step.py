@@ -17,7 +17,7 @@ from cdv2.config import load_model_config
 from cdv2.model import GROUPS, param_shapes
 from cdv2.modules.encoders import size_ratios
 from cdv2.modules.unet import input_layout, output_layout
-from cdv2.sample.schedule import ldm_alphas_cumprod
+from cdv2.diffusion.schedule import ldm_alphas_cumprod
 from cdv2.train.config import load_train_config
 from cdv2.train.objective import draw_noise, noisy_latent_and_target, sample_rngs, training_size_ratios, v_mse
 from cdv2.train.stages import is_trainable, make_optimizer

@@ -1,7 +1,7 @@
-"""Thin wrapper: see `cdv2.weights.convert_cli` (also `cdv2 convert`)."""
+"""Thin wrapper: see `cdv2.cli.convert` (also `cdv2 convert`)."""
 import sys
 
-from cdv2.weights.convert_cli import main
+from cdv2.cli.convert import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,7 +1,7 @@
-"""Thin wrapper: see `cdv2.weights.export_cli` (also `cdv2 export`)."""
+"""Thin wrapper: see `cdv2.cli.export` (also `cdv2 export`)."""
 import sys
 
-from cdv2.weights.export_cli import main
+from cdv2.cli.export import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -47,7 +47,7 @@ def preprocess_for_clip(x: jnp.ndarray, image_size: int = 224) -> jnp.ndarray:
 
 def _layer_norm(x: jnp.ndarray, name: str, param_dtype: Dtype) -> jnp.ndarray:
     """LayerNorm in fp32 whatever the compute dtype; the result is cast back to x's dtype."""
-    y = nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32, param_dtype=param_dtype, name=name)(
+    y = nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32, param_dtype=param_dtype, use_fast_variance=False, name=name)(
         x.astype(jnp.float32))
     return y.astype(x.dtype)
 

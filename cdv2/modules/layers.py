@@ -31,7 +31,9 @@ def conv(features: int, kernel: int, name: str, dtype: Dtype, param_dtype: Dtype
 
 def group_norm(name: str, eps: float, dtype: Dtype, param_dtype: Dtype) -> nn.GroupNorm:
     # flax computes the statistics in at least fp32 whatever `dtype` is
-    return nn.GroupNorm(num_groups=32, epsilon=eps, name=name, dtype=dtype, param_dtype=param_dtype)
+    # two-pass variance (E[(x-m)^2]): the fast E[x^2]-m^2 loses digits when |mean| >> std
+    return nn.GroupNorm(num_groups=32, epsilon=eps, name=name, dtype=dtype, param_dtype=param_dtype,
+                        use_fast_variance=False)
 
 
 class ResBlock(nn.Module):

@@ -14,7 +14,7 @@ Dtype = Any
 
 
 def layer_norm(name: str, dtype: Dtype, param_dtype: Dtype) -> nn.LayerNorm:
-    return nn.LayerNorm(epsilon=1e-5, name=name, dtype=dtype, param_dtype=param_dtype)
+    return nn.LayerNorm(epsilon=1e-5, name=name, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False)
 
 
 class _GEGLUProj(nn.Module):

@@ -19,7 +19,7 @@ from cdv2.modules.encoders import size_ratios
 from cdv2.sample import masks as mask_ops
 from cdv2.sample import preprocess as pre
 from cdv2.sample.conditions import Inputs, Strengths
-from cdv2.sample.guidance import branches_for
+from cdv2.diffusion.guidance import branches_for
 from cdv2.sample.pipeline import Guidance, Pipeline, mode_flags
 from cdv2.sample.scales import reference_scales
 

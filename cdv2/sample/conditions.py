@@ -18,7 +18,7 @@ from cdv2.modules.clip import preprocess_for_clip
 from cdv2.modules.encoders import size_embedding
 from cdv2.modules.resize import resize_bicubic
 from cdv2.modules.vae import AutoencoderKL, encode_to_latent
-from cdv2.sample.guidance import COND, UNCOND_REF, UNCOND_SKETCH
+from cdv2.diffusion.guidance import COND, UNCOND_REF, UNCOND_SKETCH
 
 
 @struct.dataclass

@@ -19,10 +19,10 @@ from flax import struct
 
 from cdv2.config import ModelConfig
 from cdv2.model import build
-from cdv2.sample import guidance as cfg_guidance
+from cdv2.diffusion import guidance as cfg_guidance
 from cdv2.sample.conditions import Inputs, Strengths, UNetConditions, prepare_conditions
 from cdv2.sample.scales import reference_scales as default_reference_scales
-from cdv2.sample.solvers import make_sampler
+from cdv2.diffusion.diffusers_samplers import make_sampler
 
 MODES = {"vanilla": (False, False), "style": (True, False), "background": (False, True), "full": (True, True)}
 

@@ -40,7 +40,8 @@ from cdv2.modules.clip import preprocess_for_clip
 from cdv2.modules.encoders import size_embedding
 from cdv2.modules.resize import resize_bicubic
 from cdv2.modules.vae import AutoencoderKL
-from cdv2.sample.schedule import get_v, ldm_alphas_cumprod, q_sample
+from cdv2.diffusion.parameterization import get_v, q_sample
+from cdv2.diffusion.schedule import ldm_alphas_cumprod
 from cdv2.train.augment import AugmentConfig, augment_batch, merge_character_masks, sample_thresholds
 from cdv2.train.config import TrainConfig
 

@@ -29,7 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cdv2.config import ModelConfig
 from cdv2.model import Components, build
-from cdv2.sample.schedule import ldm_alphas_cumprod
+from cdv2.diffusion.schedule import ldm_alphas_cumprod
 from cdv2.train.config import TrainConfig
 from cdv2.train.mesh import TrainShardings
 from cdv2.train.objective import sample_rngs, training_loss

@@ -225,7 +225,7 @@ def leaf_shape(leaf) -> tuple[int, ...]:
 def schedule_buffers(schedule=None) -> dict[str, np.ndarray]:
     """The 12 buffers as the authors' DDPM.register_schedule computes them, in file order."""
     from cdv2.config import ScheduleConfig
-    from cdv2.sample.schedule import ldm_schedule_buffers
+    from cdv2.diffusion.schedule import ldm_schedule_buffers
 
     bufs = ldm_schedule_buffers(schedule or ScheduleConfig())
     return {k: bufs[k] for k in SCHEDULE_BUFFERS}

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cdv2.config import ScheduleConfig
-from cdv2.sample import schedule as sch
+from cdv2.diffusion import schedule as sch
 
 SAMPLER_ALIASES = {"diffuser_dpm": "dpmpp_2m", "dpm": "dpmpp_2m", "diffuser_ddim": "ddim"}
 

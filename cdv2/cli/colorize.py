@@ -1,12 +1,11 @@
-"""`cdv2 colorize | convert | export | demo | train`."""
+"""`cdv2 colorize`: one sketch + one reference -> PNG(s); with no arguments, the built-in demo."""
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 
-def _colorize_parser(sub):
+def add_parser(sub):
     p = sub.add_parser("colorize", help="colorize a sketch after a reference image",
                        description="Colorize a sketch after a reference image with the authors' weights.")
     p.add_argument("--weights", help="cdv2 weights directory, or the authors' v2-full.safetensors (with --clip)")
@@ -52,7 +51,7 @@ def _output_paths(out: str, n: int, overwrite: bool) -> list[Path]:
     return paths
 
 
-def colorize_main(args) -> int:
+def run(args) -> int:
     from cdv2.weights.pretrained import HOW_TO_GET_WEIGHTS
 
     missing = [f"--{f}" for f in ("sketch", "reference", "out") if not getattr(args, f)]
@@ -88,42 +87,3 @@ def colorize_main(args) -> int:
         img.save(path)
         print(f"wrote {path}")
     return 0
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="cdv2", description="ColorizeDiffusion v2 in JAX/Flax")
-    sub = ap.add_subparsers(dest="command", required=True)
-    _colorize_parser(sub)
-    for name, help_ in (("convert", "authors' torch checkpoint (+ open_clip) -> cdv2 weights directory"),
-                        ("export", "cdv2 weights directory -> authors' safetensors"),
-                        ("demo", "no weights needed: train a tiny model on synthetic data, colorize with it"),
-                        ("train", "train a stage (python -m cdv2.train)")):
-        sub.add_parser(name, help=help_, add_help=False)
-    args, rest = ap.parse_known_args(argv)
-    if args.command == "convert":
-        from cdv2.weights.convert_cli import main as convert_main
-
-        return convert_main(rest)
-    if args.command == "export":
-        from cdv2.weights.export_cli import main as export_main
-
-        return export_main(rest)
-    if args.command == "demo":
-        from cdv2.demo import main as demo_main
-
-        return demo_main(rest)
-    if args.command == "train":
-        from cdv2.train.__main__ import main as train_main
-
-        return train_main(rest)
-    if rest:
-        ap.error(f"unrecognized arguments: {' '.join(rest)}")
-    try:
-        return colorize_main(args)
-    except (OSError, ValueError) as e:  # bad input: one clear line, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

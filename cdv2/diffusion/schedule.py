@@ -1,4 +1,4 @@
-"""The scaled-linear noise schedule, sigma/timestep selection and v-prediction conversions.
+"""The scaled-linear noise schedule and sigma/timestep selection.
 
 Two float32 copies of alphas_cumprod exist and both matter:
 * the authors' (`ldm_schedule_buffers`): betas in float64, cumprod in float64, stored float32 (the
@@ -6,8 +6,7 @@ Two float32 copies of alphas_cumprod exist and both matter:
 * diffusers' (`diffusers_alphas_cumprod`): betas and 1-betas in float32, cumprod accumulated in
   float64 (torch's CPU cumprod) and stored float32. The diffusers-path samplers use this one.
 They differ by up to ~1e-6 relative. Everything here is host-side numpy, static for a given step
-count; the v-prediction helpers at the bottom are plain arithmetic, so they work on numpy and jax
-arrays alike.
+count (the v-prediction algebra lives in `cdv2.diffusion.parameterization`).
 """
 from __future__ import annotations
 
@@ -129,23 +128,3 @@ def dpm_karras_schedule(sigmas_train: np.ndarray, num_steps: int) -> tuple[np.nd
     sig = karras_sigmas(float(sigmas_train[0]), float(sigmas_train[-1]), num_steps)
     ts = np.array([sigma_to_t(s, log_sigmas) for s in sig]).round().astype(np.int64)
     return ts, sig
-
-
-# --- v-prediction ------------------------------------------------------------------------------
-# x_t = sqrt(a) x0 + sqrt(1-a) eps;  v = sqrt(a) eps - sqrt(1-a) x0  (a = alpha_bar at t).
-# `alpha_bar` must broadcast against x (e.g. shape (B,1,1,1)).
-
-def v_to_x0(x_t, v, alpha_bar):
-    return alpha_bar ** 0.5 * x_t - (1 - alpha_bar) ** 0.5 * v
-
-
-def v_to_eps(x_t, v, alpha_bar):
-    return alpha_bar ** 0.5 * v + (1 - alpha_bar) ** 0.5 * x_t
-
-
-def get_v(x0, eps, alpha_bar):
-    return alpha_bar ** 0.5 * eps - (1 - alpha_bar) ** 0.5 * x0
-
-
-def q_sample(x0, eps, alpha_bar):
-    return alpha_bar ** 0.5 * x0 + (1 - alpha_bar) ** 0.5 * eps
