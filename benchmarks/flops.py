@@ -25,7 +25,6 @@ import argparse
 from dataclasses import dataclass
 
 from cdv2.config import UNetConfig
-from cdv2.modules.transformer import WARP_HEAD_DIM
 from cdv2.modules.unet import input_layout, output_layout
 
 CATEGORIES = ("conv", "attn1", "attn2", "ff", "warp", "dense", "lora_merge")
@@ -91,9 +90,9 @@ def _spatial_transformer(c: _Counter, h, w, ch, cfg: UNetConfig, ctx_tokens, mod
         c.add("ff", 2 * ch * 8 * ch * t + 2 * 4 * ch * ch * t)
 
 
-def _warp(c: _Counter, h, w, d):
+def _warp(c: _Counter, h, w, d, head_dim: int):
     t = h * w
-    inner = (d // WARP_HEAD_DIM) * WARP_HEAD_DIM
+    inner = (d // head_dim) * head_dim
     c.add("warp", 3 * 2 * d * inner * t + 4 * t * t * inner + 2 * inner * d * t + 2 * 2 * d * 4 * d * t)
 
 
@@ -124,7 +123,7 @@ def unet_flops(cfg: UNetConfig, latent_hw: tuple[int, int], batch: int = 1, cont
     for blk in output_layout(cfg):
         sh, sw = sizes.pop()
         if mode.warp and cfg.warp_module:
-            _warp(c, sh, sw, blk.skip_channels)
+            _warp(c, sh, sw, blk.skip_channels, cfg.warp_head_dim)
         _resblock(c, h, w, ch + blk.skip_channels, blk.channels, ted, vt)
         ch = blk.channels
         if blk.attention:

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # package data (top-level `configs` links here)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +32,7 @@ class UNetConfig:
     context_dim: int = 1024
     # denoiser extras
     warp_module: bool = True        # background-injection modules on the skip connections
+    warp_head_dim: int = 64         # their attention's head width (heads = skip channels // this)
     style_modulation: bool = True   # style modules after each decoder block
     lora_rank: int = 4              # fg/bg LoRA rank on decoder attn2 q/k/v (0 = none)
     # encoder extras (bg/style encoders): size-embedding input width

@@ -20,7 +20,7 @@ from cdv2.weights.v2_checkpoint import (SCHEDULE_BUFFERS, CheckpointMismatchErro
                                         read_torch_checkpoint, schedule_buffers, torch_key_to_param_path,
                                         unflatten_tree, write_safetensors)
 from cdv2.weights.weights_dir import load_weights_dir, read_manifest, save_weights_dir
-from conftest import SPEC
+from conftest import DATA
 
 LORA_KEY = "model.diffusion_model.output_blocks.3.1.transformer_blocks.0.attn2.to_k.lora_down_fg.weight"
 
@@ -222,7 +222,7 @@ def test_all_problems_are_reported_together(tmp_path, tiny_sd, tiny_expected):
 
 
 def test_released_key_list_maps_bijectively():
-    rows = [line.split(maxsplit=1) for line in open(SPEC / "v2_expected_keys.txt")]
+    rows = [line.split(maxsplit=1) for line in open(DATA / "v2_expected_keys.txt")]
     shapes = {k: tuple(json.loads(s)) for k, s in rows}
     assert len(shapes) == 1884
     paths = {}

@@ -9,7 +9,7 @@ from cdv2.config import load_model_config
 from cdv2.model import param_shapes
 from cdv2.weights.v2_checkpoint import (SCHEDULE_BUFFERS, flatten_tree, flax_shape_to_torch,
                                         param_path_to_torch_key)
-from conftest import SPEC
+from conftest import DATA
 
 AUTHOR_GROUPS = ("unet", "sketch_encoder", "bg_encoder", "style_encoder", "vae")
 
@@ -25,7 +25,7 @@ def v2_shapes():
 
 def test_full_v2_model_has_exactly_the_released_keys_and_shapes(v2_shapes):
     released = {}
-    for line in open(SPEC / "v2_expected_keys.txt"):
+    for line in open(DATA / "v2_expected_keys.txt"):
         key, shape = line.split(" ", 1)
         released[key] = tuple(int(s) for s in shape.strip().strip("[]").split(",") if s.strip())
     for name in SCHEDULE_BUFFERS:  # buffers, not params: checked against the schedule instead

@@ -2,11 +2,11 @@ import numpy as np
 
 from cdv2.weights.torch_layout import (flax_leaf, flax_to_torch_array, path_to_torch_key,
                                        torch_key_to_path, torch_to_flax_array)
-from conftest import SPEC
+from conftest import DATA
 
 
 def test_every_released_key_round_trips_through_the_path_rule():
-    keys = [line.split()[0] for line in open(SPEC / "v2_expected_keys.txt")]
+    keys = [line.split()[0] for line in open(DATA / "v2_expected_keys.txt")]
     assert len(keys) == 1884
     paths = set()
     for k in keys:

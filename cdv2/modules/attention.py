@@ -144,8 +144,8 @@ class SplitSpec:
 class Attention(nn.Module):
     """to_q/to_k/to_v (bias-free, dim -> heads * head_dim) + to_out.0; plain or split cross-attention.
 
-    `head_dim` defaults to dim // heads (the U-Net); the warp modules fix it at 64 (the authors'
-    SelfTransformerBlock), so a block narrower than 64 has zero heads and reduces to to_out's bias."""
+    `head_dim` defaults to dim // heads (the U-Net); the warp modules fix it (`warp_head_dim`, the
+    authors' 64), so a block narrower than that has zero heads and reduces to to_out's bias."""
 
     dim: int
     heads: int

@@ -100,14 +100,13 @@ def _with_mask(split: SplitSpec, mask) -> SplitSpec:
                      split.merge_scale, split.use_lora)
 
 
-WARP_HEAD_DIM = 64  # the authors' SelfTransformerBlock: heads = dim // 64, 64 channels each
-
-
 class SelfTransformerBlock(nn.Module):
     """Background injection (`warp_modules[i]`, paper Eq. 2): skip tokens attend to the
-    background-encoder tokens (context NOT normalised), then a SiLU FFN (ff.0 / ff.2)."""
+    background-encoder tokens (context NOT normalised), then a SiLU FFN (ff.0 / ff.2).
+    `head_dim` is fixed (the authors' default 64; `UNetConfig.warp_head_dim`): heads = dim // head_dim."""
 
     dim: int
+    head_dim: int = 64
     attention_impl: Optional[str] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -117,7 +116,7 @@ class SelfTransformerBlock(nn.Module):
         d, pd = self.dtype, self.param_dtype
         b, h, w, c = skip.shape
         t = tokens(skip)
-        t = Attention(self.dim, self.dim // WARP_HEAD_DIM, WARP_HEAD_DIM, attention_impl=self.attention_impl, dtype=d, param_dtype=pd,
+        t = Attention(self.dim, self.dim // self.head_dim, self.head_dim, attention_impl=self.attention_impl, dtype=d, param_dtype=pd,
                       name="attn")(layer_norm("norm1", d, pd)(t), bg_tokens.astype(t.dtype)) + t
         f = nn.Dense(4 * self.dim, dtype=d, param_dtype=pd, name="ff_0")(layer_norm("norm2", d, pd)(t))
         t = nn.Dense(self.dim, dtype=d, param_dtype=pd, name="ff_2")(nn.silu(f)) + t

@@ -151,7 +151,7 @@ class UNet(nn.Module):
             i = blk.index
             skip = hs.pop()
             if cfg.warp_module and (hs_bg is not None or self.is_initializing()):
-                warp = SelfTransformerBlock(blk.skip_channels, self.attention_impl, d, pd, name=f"warp_modules_{i}")
+                warp = SelfTransformerBlock(blk.skip_channels, cfg.warp_head_dim, self.attention_impl, d, pd, name=f"warp_modules_{i}")
                 bg_tokens = hs_bg[i] if hs_bg is not None else skip.reshape(skip.shape[0], -1, skip.shape[-1])
                 bg_path = warp(skip, bg_tokens)
                 if mask is not None and hs_bg is not None:
