@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from cdv2.config import CLIPVisionConfig
+from cdv2.modules.attention import multihead_attention
 from cdv2.modules.resize import resize_bicubic_antialias
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -64,9 +65,8 @@ class SelfAttention(nn.Module):
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         b, n, _ = x.shape
         qkv = nn.Dense(3 * self.width, dtype=self.dtype, param_dtype=self.param_dtype, name="in_proj")(x)
-        q, k, v = jnp.split(qkv.reshape(b, n, 3, self.heads, self.width // self.heads), 3, axis=2)
-        o = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0])  # scale 1/sqrt(head_dim)
-        o = o.reshape(b, n, self.width)
+        q, k, v = jnp.split(qkv, 3, axis=-1)  # each (b, n, heads * head_dim), heads major
+        o = multihead_attention(q, k, v, self.heads)  # scale 1/sqrt(head_dim), fp32 softmax
         return nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype, name="out_proj")(o)
 
 

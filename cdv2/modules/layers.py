@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -23,8 +23,10 @@ def timestep_embedding(t: jnp.ndarray, dim: int, max_period: float = 10000.0) ->
     return emb
 
 
-def conv(features: int, kernel: int, name: str, dtype: Dtype, param_dtype: Dtype, stride: int = 1) -> nn.Conv:
-    pad = PAD1 if kernel == 3 else ((0, 0), (0, 0))
+def conv(features: int, kernel: int, name: str, dtype: Dtype, param_dtype: Dtype, stride: int = 1,
+         padding=None) -> nn.Conv:
+    """torch-style conv: symmetric padding kernel // 2 unless `padding` is given explicitly."""
+    pad = ((kernel // 2, kernel // 2),) * 2 if padding is None else padding
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=pad, name=name,
                    dtype=dtype, param_dtype=param_dtype)
 
@@ -58,24 +60,34 @@ class ResBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    channels: int
+    """conv 3x3 stride 2. U-Net: padding 1, conv named `op`; the LDM VAE (`vae_style`): pad
+    right/bottom by one, no conv padding, conv named `conv`. channels None = keep the width."""
+
+    channels: Optional[int] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    vae_style: bool = False
 
     @nn.compact
     def __call__(self, x):
-        return conv(self.channels, 3, "op", self.dtype, self.param_dtype, stride=2)(x)
+        ch = self.channels or x.shape[-1]
+        if self.vae_style:
+            x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+            return conv(ch, 3, "conv", self.dtype, self.param_dtype, stride=2, padding="VALID")(x)
+        return conv(ch, 3, "op", self.dtype, self.param_dtype, stride=2)(x)
 
 
 class Upsample(nn.Module):
-    channels: int
+    """Nearest x2 then conv 3x3 (padding 1), named `conv`. channels None = keep the width."""
+
+    channels: Optional[int] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # nearest x2
-        return conv(self.channels, 3, "conv", self.dtype, self.param_dtype)(x)
+        return conv(self.channels or x.shape[-1], 3, "conv", self.dtype, self.param_dtype)(x)
 
 
 def time_embed(t, model_channels: int, param_dtype: Dtype) -> jnp.ndarray:

@@ -21,26 +21,17 @@ import flax.linen as nn
 
 from cdv2.config import VAEConfig
 from cdv2.modules.attention import multihead_attention
+from cdv2.modules.layers import Downsample, Upsample, conv as _conv, group_norm
 
 Dtype = Any
 
-GN_GROUPS = 32
 GN_EPS = 1e-6
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
 
-def _conv(features: int, k: int, name: Optional[str], dtype: Dtype, param_dtype: Dtype, stride: int = 1,
-          padding: Any = None) -> nn.Conv:
-    pad = ((k // 2, k // 2), (k // 2, k // 2)) if padding is None else padding
-    return nn.Conv(features, (k, k), strides=(stride, stride), padding=pad, dtype=dtype,
-                   param_dtype=param_dtype, name=name)
-
-
 def _group_norm(x: jax.Array, name: str, dtype: Dtype, param_dtype: Dtype) -> jax.Array:
-    # normalisation statistics in fp32 whatever the compute dtype
-    y = nn.GroupNorm(num_groups=GN_GROUPS, epsilon=GN_EPS, dtype=jnp.float32, param_dtype=param_dtype,
-                     use_fast_variance=False, name=name)(x.astype(jnp.float32))
-    return y.astype(dtype)
+    # the whole normalisation in fp32 whatever the compute dtype, then cast
+    return group_norm(name, GN_EPS, jnp.float32, param_dtype)(x.astype(jnp.float32)).astype(dtype)
 
 
 class ResnetBlock(nn.Module):
@@ -79,31 +70,6 @@ class AttnBlock(nn.Module):
         return x.astype(self.dtype) + _conv(c, 1, "proj_out", **kw)(h)
 
 
-class Downsample(nn.Module):
-    """LDM encoder downsample: pad right/bottom by one, then conv 3x3 stride 2 without padding."""
-
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-        return _conv(x.shape[-1], 3, "conv", self.dtype, self.param_dtype, stride=2,
-                     padding="VALID")(x)
-
-
-class Upsample(nn.Module):
-    """Nearest x2 then conv 3x3 (padding 1)."""
-
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        return _conv(x.shape[-1], 3, "conv", self.dtype, self.param_dtype)(x)
-
-
 class MidBlock(nn.Module):
     """`mid`: block_1 -> attn_1 -> block_2 at constant width."""
 
@@ -134,7 +100,7 @@ class Level(nn.Module):
         for j in range(self.num_blocks):
             x = ResnetBlock(self.out_channels, name=f"block_{j}", **kw)(x)
         if self.resample == "down":
-            x = Downsample(name="downsample", **kw)(x)
+            x = Downsample(vae_style=True, name="downsample", **kw)(x)
         elif self.resample == "up":
             x = Upsample(name="upsample", **kw)(x)
         return x
