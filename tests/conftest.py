@@ -90,6 +90,19 @@ def tiny_params(oracle_dir, tiny_config):
     return params
 
 
+@pytest.fixture(scope="session", autouse=True)
+def persistent_xla_cache():
+    """One on-disk XLA cache for the whole suite, kept between runs (a re-run, or CI on the same
+    machine, reuses the compiled programs). $CDV2_TEST_XLA_CACHE: a folder, or 0 to turn it off."""
+    import jax
+
+    where = os.environ.get("CDV2_TEST_XLA_CACHE", str(Path.home() / ".cache" / "cdv2" / "xla-tests"))
+    if where != "0":
+        jax.config.update("jax_compilation_cache_dir", where)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    yield
+
+
 @pytest.fixture(scope="module")
 def compilation_cache(tmp_path_factory):
     """A module-wide persistent XLA cache: tests that run the same program in several fresh
