@@ -16,28 +16,38 @@ def add_parser(sub):
     p.add_argument("--background", help="replace the background with this image (background modes)")
     p.add_argument("--sketch-mask", help="character mask of the sketch (white = character); estimated if absent")
     p.add_argument("--reference-mask", help="character mask of the reference; from alpha or estimated if absent")
-    p.add_argument("--mode", default="full", choices=["vanilla", "style", "background", "full"])
+    p.add_argument("--mode", default="full", choices=["vanilla", "style", "background", "full"],
+                   help="vanilla: reference only; style: + style modulation; background: + background "
+                   "injection and split cross-attention; full: both (the app's default)")
     p.add_argument("--out", help="output PNG (with --num-images > 1: NAME_0.png, NAME_1.png, ...)")
     p.add_argument("--demo-out", default="cdv2-demo", help="folder of the built-in demo (run when no weights "
                    "and no inputs are given)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--sampler", default="dpmpp_2m", choices=["dpmpp_2m", "euler", "ddim"])
+    p.add_argument("--steps", type=int, default=20, help="denoising steps")
+    p.add_argument("--sampler", default="dpmpp_2m", choices=["dpmpp_2m", "euler", "ddim"], help="sampler")
     p.add_argument("--karras", action="store_true", help="Karras sigmas (dpmpp_2m)")
-    p.add_argument("--reference-guidance", type=float, default=4.0)
-    p.add_argument("--sketch-guidance", type=float, default=1.0)
-    p.add_argument("--reference-strength", type=float, default=1.0)
-    p.add_argument("--fg-strength", type=float, default=1.0)
-    p.add_argument("--bg-strength", type=float, default=1.0)
-    p.add_argument("--merge-scale", type=float, default=0.0)
-    p.add_argument("--sketch-strength", type=float, default=1.0)
-    p.add_argument("--sketch-mask-threshold", type=float, default=0.05)
-    p.add_argument("--reference-mask-threshold", type=float, default=0.5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--reference-guidance", type=float, default=4.0,
+                   help="classifier-free guidance scale of the reference (1 = off)")
+    p.add_argument("--sketch-guidance", type=float, default=1.0,
+                   help="classifier-free guidance scale of the sketch (1 = off)")
+    p.add_argument("--reference-strength", type=float, default=1.0,
+                   help="scale of the reference cross-attention in every layer")
+    p.add_argument("--fg-strength", type=float, default=1.0, help="foreground (character) attention strength")
+    p.add_argument("--bg-strength", type=float, default=1.0,
+                   help="background strength: scales the background-encoder features")
+    p.add_argument("--merge-scale", type=float, default=0.0,
+                   help="how much of the background's style/attention is mixed into the foreground")
+    p.add_argument("--sketch-strength", type=float, default=1.0, help="scale of the sketch-encoder hints")
+    p.add_argument("--sketch-mask-threshold", type=float, default=0.05,
+                   help="sketch-mask values above this count as character (split attention)")
+    p.add_argument("--reference-mask-threshold", type=float, default=0.5,
+                   help="reference-mask values below this count as background")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the initial noise")
+    p.add_argument("--num-images", type=int, default=1, help="images per sketch (batch)")
     p.add_argument("--long-side", type=int, default=768, help="generation size of the longer side (pixels)")
     p.add_argument("--polarity", default="auto", choices=["auto", "black_on_white", "white_on_black"])
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="compute dtype (bfloat16: faster on GPU/TPU; softmax and norms stay fp32)")
     p.add_argument("--no-crop", action="store_true", help="keep the padding around the sketch")
     return p
 
@@ -49,6 +59,13 @@ def _output_paths(out: str, n: int, overwrite: bool) -> list[Path]:
     if existing and not overwrite:
         raise FileExistsError(f"refusing to overwrite {', '.join(existing)} (pass --overwrite)")
     return paths
+
+
+def _check_inputs_exist(args) -> None:
+    for flag in ("weights", "clip", "sketch", "reference", "background", "sketch_mask", "reference_mask"):
+        value = getattr(args, flag, None)
+        if value and not Path(value).exists():
+            raise FileNotFoundError(f"--{flag.replace('_', '-')} {value}: no such file or directory")
 
 
 def run(args) -> int:
@@ -69,6 +86,7 @@ def run(args) -> int:
         return 2
     if missing:
         raise ValueError(f"colorizing needs {', '.join(missing)}")
+    _check_inputs_exist(args)  # before the (slow) weight loading and compilation
     paths = _output_paths(args.out, args.num_images, args.overwrite)
     from cdv2.sample.colorizer import Colorizer
 
