@@ -1,4 +1,4 @@
-"""Thin command-line entry points: `cdv2 colorize | convert | export | demo | train`
+"""Thin command-line entry points: `cdv2 colorize | convert | export | demo | train | app`
 (`python -m cdv2.train` is `cdv2 train`). Each subcommand lives in its own module here and only
 calls public APIs; heavy imports (jax) happen after argument parsing."""
 from __future__ import annotations
@@ -16,7 +16,8 @@ def main(argv=None) -> int:
     for name, help_ in (("convert", "authors' torch checkpoint (+ open_clip) -> cdv2 weights directory"),
                         ("export", "cdv2 weights directory -> authors' safetensors"),
                         ("demo", "no weights needed: train a tiny model on synthetic data, colorize with it"),
-                        ("train", "train a stage (python -m cdv2.train)")):
+                        ("train", "train a stage (python -m cdv2.train)"),
+                        ("app", "the colorization UI in a browser (needs the `app` extra)")):
         sub.add_parser(name, help=help_, add_help=False)
     args, rest = ap.parse_known_args(argv)
     if args.command == "convert":
@@ -31,6 +32,10 @@ def main(argv=None) -> int:
         from cdv2.demo import main as demo_main
 
         return demo_main(rest)
+    if args.command == "app":
+        from cdv2.cli.app import main as app_main
+
+        return app_main(rest)
     if args.command == "train":
         from cdv2.cli.train import main as train_main
 
