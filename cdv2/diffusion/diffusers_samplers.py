@@ -18,7 +18,7 @@ The updates are diffusers' formulas with the scalar factors folded on the host; 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import jax.numpy as jnp
 import numpy as np
@@ -26,12 +26,14 @@ import numpy as np
 from cdv2.config import ScheduleConfig
 from cdv2.diffusion import schedule as sch
 
-SAMPLER_ALIASES = {"diffuser_dpm": "dpmpp_2m", "dpm": "dpmpp_2m", "diffuser_ddim": "ddim"}
+SAMPLER_ALIASES = {"diffuser_dpm": "dpmpp_2m", "dpm": "dpmpp_2m", "diffuser_ddim": "ddim",
+                   "diffuser_pndm": "pndm", "diffuser_lms": "lms"}
 
 
 class SamplerState(NamedTuple):
     x: jnp.ndarray        # current latent x_t (float32)
     prev_x0: jnp.ndarray  # DPM++ 2M: the previous step's x0 prediction (zeros for the others)
+    hist: tuple = ()      # PNDM / LMS history buffers (see samplers/diffusers_pndm_lms.py)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # identity hash: usable as a jit static arg
@@ -43,10 +45,16 @@ class Sampler:
     init_noise_sigma: float      # x_T = randn * init_noise_sigma
     scale_model_input: Callable  # (state, x, i) -> U-Net input
     step: Callable               # (state, v, i) -> next state
+    init_hist: Optional[Callable] = None  # x -> history tuple (PNDM, LMS)
+
+    @property
+    def num_calls(self) -> int:  # U-Net calls of one run (PNDM: steps + 9 Runge-Kutta calls)
+        return len(self.timesteps)
 
     def init(self, x_T) -> SamplerState:
         x = jnp.asarray(x_T, jnp.float32)
-        return SamplerState(x=x, prev_x0=jnp.zeros_like(x))
+        hist = self.init_hist(x) if self.init_hist is not None else ()
+        return SamplerState(x=x, prev_x0=jnp.zeros_like(x), hist=hist)
 
 
 def _f32(a) -> np.ndarray:
@@ -146,19 +154,26 @@ def make_sampler(name: str, num_steps: int, karras: bool = False,
                  schedule_cfg: ScheduleConfig = ScheduleConfig(), *,
                  steps_offset: int = 1, set_alpha_to_one: bool = True) -> Sampler:
     """A diffusers-equivalent sampler: "dpmpp_2m" (= the authors' "diffuser_dpm", optionally with
-    Karras sigmas), "euler" or "ddim" (= "diffuser_ddim"). The authors' scheduler configs leave
+    Karras sigmas), "euler", "ddim" (= "diffuser_ddim"), "pndm" (= "diffuser_pndm", with the
+    Runge-Kutta warm-up: steps + 9 calls) or "lms" (= "diffuser_lms", optionally Karras). The authors' scheduler configs leave
     DDIM's set_alpha_to_one at diffusers' default True; pass False for the other convention."""
     name = SAMPLER_ALIASES.get(name, name)
     if schedule_cfg.parameterization != "v":
         raise NotImplementedError(f"only v-prediction is implemented, got {schedule_cfg.parameterization!r}")
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    if karras and name != "dpmpp_2m":
-        raise NotImplementedError(f"Karras sigmas are only implemented for dpmpp_2m, not {name!r}")
+    if karras and name not in ("dpmpp_2m", "lms"):
+        raise NotImplementedError(f"Karras sigmas are only implemented for dpmpp_2m and lms, not {name!r}")
     if name == "dpmpp_2m":
         return _dpmpp_2m(num_steps, karras, schedule_cfg, steps_offset)
     if name == "euler":
         return _euler(num_steps, schedule_cfg, steps_offset)
     if name == "ddim":
         return _ddim(num_steps, schedule_cfg, steps_offset, set_alpha_to_one)
-    raise ValueError(f"unknown sampler {name!r}; known: dpmpp_2m, euler, ddim (aliases {sorted(SAMPLER_ALIASES)})")
+    if name in ("pndm", "lms"):
+        from cdv2.diffusion.samplers import diffusers_pndm_lms as extra  # imports this module
+
+        return extra.pndm(num_steps, schedule_cfg, steps_offset) if name == "pndm" else \
+            extra.lms(num_steps, karras, schedule_cfg, steps_offset)
+    raise ValueError(f"unknown sampler {name!r}; known: dpmpp_2m, euler, ddim, pndm, lms "
+                     f"(aliases {sorted(SAMPLER_ALIASES)})")
