@@ -1,0 +1,1 @@
+"""The authors' app preprocessors as Flax networks (masks and line extractors), NHWC."""

@@ -1,0 +1,1 @@
+"""Declarative torch-key <-> Flax-path maps for the preprocessor networks."""
