@@ -72,16 +72,18 @@ class App:
         self.last_seed = None
 
     # -- handlers ---------------------------------------------------------------------------
-    def settings(self, values: list) -> dict:
-        return dict(zip([c.key for c in self.controls], values))
-
-    def generate(self, sketch, reference, background, sketch_mask, reference_mask, *values, progress=None):
+    def checked(self, sketch, reference, background, sketch_mask, reference_mask, values) -> dict:
+        """The settings dict of the control values, after refusing bad uploads and values."""
         check_uploads(sketch=sketch, reference=reference, background=background, sketch_mask=sketch_mask,
                       reference_mask=reference_mask)
-        settings = self.settings(list(values))
+        settings = dict(zip([c.key for c in self.controls], values))
         problems = ctl.validate(self.controls, settings)
         if problems:
             raise gr.Error("Invalid settings: " + "; ".join(problems))
+        return settings
+
+    def generate(self, sketch, reference, background, sketch_mask, reference_mask, *values, progress=None):
+        settings = self.checked(sketch, reference, background, sketch_mask, reference_mask, values)
         seed = ctl.resolve_seed(settings["seed"], self.rng)
         kwargs = ctl.to_colorize_kwargs(self.controls, settings, seed)
         try:
@@ -97,12 +99,7 @@ class App:
         return items, status, seed
 
     def preview(self, sketch, reference, background, sketch_mask, reference_mask, *values):
-        check_uploads(sketch=sketch, reference=reference, background=background, sketch_mask=sketch_mask,
-                      reference_mask=reference_mask)
-        settings = self.settings(list(values))
-        problems = ctl.validate(self.controls, settings)
-        if problems:
-            raise gr.Error("Invalid settings: " + "; ".join(problems))
+        settings = self.checked(sketch, reference, background, sketch_mask, reference_mask, values)
         kw = ctl.to_colorize_kwargs(self.controls, settings, 0)
         try:
             prepared = self.colorizer.prepare_inputs(
