@@ -5,7 +5,9 @@ fp16, the 12 schedule buffers: 6.82 GB) to a temporary directory, then in fresh 
 (1) convert_v2_checkpoint alone and (2) convert + save_weights_dir (what tools/convert_torch.py
 does), reporting each child's peak RSS (os.wait4 ru_maxrss) and wall time; deletes everything.
 
-    python tools/bench_convert_memory.py [--tmp DIR] [--shapes auto|keys|model]
+    python tools/bench_convert_memory.py [--tmp DIR] [--shapes auto|keys|model] [--dtype float32|bfloat16]
+
+`--dtype bfloat16` measures a bf16 load (each tensor cast while streaming: no fp32 copy).
 
 Note: the file was just written, so it is read from the page cache (a cold disk adds read time,
 not memory: reads do not count in RSS because the reader uses plain reads, not mmap).
@@ -36,7 +38,8 @@ def read_key_list(path) -> dict[str, tuple[int, ...]]:
 
 
 def write_random_checkpoint(path: Path, shapes: dict) -> int:
-    from cdv2.weights.v2_checkpoint import SCHEDULE_BUFFERS, schedule_buffers, write_safetensors
+    from cdv2.weights.readers import write_safetensors
+    from cdv2.weights.v2_checkpoint import SCHEDULE_BUFFERS, schedule_buffers
 
     pool = np.random.default_rng(0).standard_normal(1 << 23, dtype=np.float32) * 0.02  # 32 MB
     sched = schedule_buffers()
@@ -68,26 +71,29 @@ def expected_shapes(mode: str, key_file: Path):
                 raise
             print(f"[child] cdv2.model unavailable ({e}); expected shapes from the key list", flush=True)
     from cdv2.weights.torch_layout import torch_shape_to_flax
-    from cdv2.weights.v2_checkpoint import torch_key_to_param_path, unflatten_tree
+    from cdv2.weights.tree import unflatten
+    from cdv2.weights.v2_checkpoint import torch_key_to_param_path
 
     flat = {}
     for key, shape in read_key_list(key_file).items():
         path = torch_key_to_param_path(key, len(shape))
         if path is not None:
             flat[path] = torch_shape_to_flax(shape)
-    return unflatten_tree(flat), str(key_file)
+    return unflatten(flat, sep=None), str(key_file)
 
 
-def child(task: str, ckpt: str, out: str, shapes_mode: str, key_file: str) -> None:
+def child(task: str, ckpt: str, out: str, shapes_mode: str, key_file: str, dtype: str) -> None:
     from cdv2.config import load_model_config
+    from cdv2.weights.dtypes import resolve_dtype
+    from cdv2.weights.tree import flatten
     from cdv2.weights.v2_checkpoint import convert_v2_checkpoint
     from cdv2.weights.weights_dir import save_weights_dir
 
     expected, where = expected_shapes(shapes_mode, Path(key_file))
     t0 = time.perf_counter()
-    params, source_dtypes = convert_v2_checkpoint(ckpt, expected, progress=False)
+    params, source_dtypes = convert_v2_checkpoint(ckpt, expected, progress=False, dtype=resolve_dtype(dtype))
     t1 = time.perf_counter()
-    n = sum(int(np.prod(s)) for s in _leaf_shapes(params))
+    n = sum(int(np.prod(v.shape)) for v in flatten(params).values())
     print(f"[child] converted {len(source_dtypes)} tensors, {n:,} params (shapes from {where}) "
           f"in {t1 - t0:.1f} s", flush=True)
     if task == "convert_save":
@@ -95,15 +101,10 @@ def child(task: str, ckpt: str, out: str, shapes_mode: str, key_file: str) -> No
         print(f"[child] saved weights dir in {time.perf_counter() - t1:.1f} s", flush=True)
 
 
-def _leaf_shapes(tree):
-    for v in tree.values():
-        yield from (_leaf_shapes(v) if isinstance(v, dict) else [v.shape])
-
-
 def run_child(task: str, ckpt: Path, out: Path, args) -> tuple[float, float]:
     """-> (peak RSS in GB, wall seconds) of one fresh interpreter doing `task`."""
     cmd = [sys.executable, __file__, "--child", task, "--ckpt", str(ckpt), "--out", str(out),
-           "--shapes", args.shapes, "--keys", str(args.keys)]
+           "--shapes", args.shapes, "--keys", str(args.keys), "--dtype", args.dtype]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -120,12 +121,13 @@ def main() -> None:
     ap.add_argument("--keys", default=str(KEYS), help="v2_expected_keys.txt")
     ap.add_argument("--shapes", choices=["auto", "keys", "model"], default="auto",
                     help="expected shapes from cdv2.model.param_shapes or the key list")
+    ap.add_argument("--dtype", default="float32", help="dtype the params are loaded in (float32, bfloat16)")
     ap.add_argument("--child", choices=["convert", "convert_save"], help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        return child(args.child, args.ckpt, args.out, args.shapes, args.keys)
+        return child(args.child, args.ckpt, args.out, args.shapes, args.keys, args.dtype)
 
     shapes = read_key_list(args.keys)
     work = Path(tempfile.mkdtemp(prefix="cdv2_bench_", dir=args.tmp))

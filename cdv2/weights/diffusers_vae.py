@@ -19,6 +19,8 @@ from typing import Callable, Mapping, Optional
 import numpy as np
 
 from cdv2.config import VAEConfig
+from cdv2.weights.torch_layout import LAYOUT
+from cdv2.weights.tree import flatten
 
 _RESNET_PART = r"(norm1|conv1|norm2|conv2|conv_shortcut)"
 _ATTN_PART = r"(group_norm|to_q|query|to_k|key|to_v|value|to_out\.0|proj_attn)"
@@ -79,17 +81,12 @@ def expected_ldm_vae_shapes(cfg: VAEConfig) -> dict[str, tuple[int, ...]]:
     import jax.numpy as jnp
 
     from cdv2.modules.vae import AutoencoderKL
-    from cdv2.weights.torch_layout import path_to_torch_key
 
     side = 2 ** (len(cfg.ch_mult) - 1)
     shapes = jax.eval_shape(AutoencoderKL(cfg).init, jax.random.PRNGKey(0),
                             jnp.zeros((1, side, side, cfg.in_channels)))["params"]
-    out = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
-        s = tuple(leaf.shape)
-        torch_shape = (s[1], s[0]) if len(s) == 2 else (s[3], s[2], s[0], s[1]) if len(s) == 4 else s
-        out[path_to_torch_key(tuple(p.key for p in path))] = torch_shape
-    return out
+    return {LAYOUT.to_key(path): LAYOUT.torch_shape(path, tuple(leaf.shape))
+            for path, leaf in flatten(shapes, sep=None).items()}
 
 
 def diffusers_vae_to_ldm(sd: Mapping[str, np.ndarray], cfg: Optional[VAEConfig] = None,

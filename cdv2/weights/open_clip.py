@@ -16,15 +16,20 @@ import re
 from pathlib import Path
 from typing import Callable, Mapping
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from cdv2.config import CLIPVisionConfig
-from cdv2.weights.torch_layout import flax_to_torch_array, state_dict_to_params, torch_leaf
+from cdv2.weights.readers import load_state_dict as _load_state_dict
+from cdv2.weights.torch_layout import KeyMap
+from cdv2.weights.tree import flatten, unflatten
 
 _RAW = ("class_embedding", "positional_embedding", "proj")  # nn.Parameters used as-is
-_FUSED = (("attn.in_proj_weight", "attn.in_proj.weight"), ("attn.in_proj_bias", "attn.in_proj.bias"))
+# open_clip visual key map (keys without `visual.`): the layout rule, nn.MultiheadAttention's fused
+# in_proj as the Dense `attn/in_proj`, raw parameters, and its own `ln_1`/`ln_2` names
+OPEN_CLIP_VISUAL = KeyMap(raw={k: (k,) for k in _RAW},
+                          renames=(("attn.in_proj_weight", "attn.in_proj.weight"),
+                                   ("attn.in_proj_bias", "attn.in_proj.bias")),
+                          native=r"ln_\d+")
 # head widths of open_clip's ViT configs (its default is 64); not recoverable from shapes
 _KNOWN_HEAD_WIDTH = {768: 64, 1024: 64, 1280: 80, 1408: 88, 1664: 104}
 
@@ -42,16 +47,9 @@ def _to_numpy(v) -> np.ndarray:
 
 
 def load_state_dict(path: str | Path) -> dict[str, np.ndarray]:
-    """A `.safetensors` file, or a torch `.bin/.pt/.pth` pickle (loaded weights_only), as numpy."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.numpy import load_file
-        return load_file(str(path))
-    import torch
-    sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
-        sd = sd["state_dict"]  # open_clip training checkpoints
-    return {k.removeprefix("module."): _to_numpy(v) for k, v in sd.items()}
+    """A `.safetensors` file, or a torch `.bin/.pt/.pth` pickle (read without torch; an open_clip
+    training checkpoint's {"state_dict": ...} unwrapped, "module." stripped), as numpy."""
+    return _load_state_dict(path)
 
 
 def _visual_items(state: Mapping, prefix: str | None) -> dict[str, np.ndarray]:
@@ -61,52 +59,14 @@ def _visual_items(state: Mapping, prefix: str | None) -> dict[str, np.ndarray]:
     return {k[len(prefix):]: _to_numpy(v) for k, v in state.items() if k.startswith(prefix)}
 
 
-# ---------------------------------------------------------------- key maps
-
-
-def _oc_to_layout_key(key: str) -> str:
-    for oc, layout in _FUSED:
-        if key.endswith(oc):
-            return key[: -len(oc)] + layout
-    return key
-
-
-def _layout_to_oc_key(key: str) -> str:
-    for oc, layout in _FUSED:
-        if key.endswith(layout):
-            return key[: -len(layout)] + oc
-    return key
-
-
 def _path_to_oc_key(path: tuple[str, ...]) -> str:
     """Flax param path -> open_clip key (no prefix)."""
-    if len(path) == 1 and path[0] in _RAW:
-        return path[0]
-    # not torch_layout.path_to_torch_key: it would turn open_clip's own `ln_1` into `ln.1`
-    key = ".".join(path[:-1] + (torch_leaf(path[-1]),))
-    return _layout_to_oc_key(re.sub(r"(^|\.)resblocks_(\d+)(?=\.)", r"\1resblocks.\2", key))
-
-
-def _flatten(tree, path=()) -> dict[tuple[str, ...], object]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, path + (k,)))
-        else:
-            out[path + (k,)] = v
-    return out
+    return OPEN_CLIP_VISUAL.to_key(path)
 
 
 def _torch_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
     """A Flax param's shape in torch's layout (for error messages)."""
-    shape = tuple(shape)
-    if len(path) == 1 and path[0] in _RAW:
-        return shape
-    if len(shape) == 2:
-        return shape[::-1]
-    if len(shape) == 4:
-        return (shape[3], shape[2], shape[0], shape[1])
-    return shape
+    return OPEN_CLIP_VISUAL.torch_shape(path, shape)
 
 
 # ---------------------------------------------------------------- config and validation
@@ -114,11 +74,14 @@ def _torch_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ..
 
 def expected_param_shapes(config: CLIPVisionConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
     """Flat {Flax path: shape} of `VisionTransformer(config)`'s params (jax.eval_shape, no memory)."""
+    import jax
+    import jax.numpy as jnp
+
     from cdv2.modules.clip import VisionTransformer
 
     pixels = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), jnp.float32)
     tree = jax.eval_shape(VisionTransformer(config).init, jax.random.PRNGKey(0), pixels)
-    return {p: tuple(s.shape) for p, s in _flatten(tree["params"]).items()}
+    return {p: tuple(s.shape) for p, s in flatten(tree["params"], sep=None).items()}
 
 
 def open_clip_config_from_state_dict(state: Mapping, head_width: int | None = None,
@@ -169,19 +132,16 @@ def open_clip_to_params(state: Mapping, config: CLIPVisionConfig | None = None, 
     names = _names or (lambda p: shown + _path_to_oc_key(p))
     if config is None:
         config = open_clip_config_from_state_dict(sd, head_width, prefix="")
-    raw = {k: v for k, v in sd.items() if k in _RAW}
-    params = state_dict_to_params({_oc_to_layout_key(k): v for k, v in sd.items() if k not in _RAW})
-    params.update(raw)
-    _validate(_flatten(params), config, names)
-    return params
+    flat = {OPEN_CLIP_VISUAL.to_path(k, v.ndim): OPEN_CLIP_VISUAL.to_flax(k, v) for k, v in sd.items()}
+    _validate(flat, config, names)
+    return unflatten(flat, sep=None)
 
 
 def params_to_open_clip(params: Mapping, prefix: str = "visual.") -> dict[str, np.ndarray]:
     """Inverse of `open_clip_to_params` (bit-exact): params -> open_clip `visual.*` state dict."""
     out = {}
-    for path, v in _flatten(params).items():
-        v = np.asarray(v)
-        out[prefix + _path_to_oc_key(path)] = v if path[0] in _RAW else flax_to_torch_array(v)
+    for path, v in flatten(params, sep=None).items():
+        out[prefix + _path_to_oc_key(path)] = OPEN_CLIP_VISUAL.to_torch(path, np.asarray(v))
     return out
 
 

@@ -20,9 +20,10 @@ import yaml
 
 from .. import __version__
 from ..config import ModelConfig, model_config_from_dict
-from .safetensors_stream import SafetensorsReader
-from .v2_checkpoint import (CheckpointMismatchError, flatten_tree, leaf_shape,
-                            unflatten_tree, write_safetensors)
+from .dtypes import cast_floating, resolve_dtype
+from .mismatch import CheckpointMismatchError, raise_if_mismatched  # noqa: F401 (re-exported)
+from .readers import SafetensorsReader, write_safetensors
+from .tree import flatten, leaf_shape, unflatten
 
 PARAMS_FILE = "params.safetensors"
 CONFIG_FILE = "config.yaml"
@@ -55,14 +56,14 @@ def save_weights_dir(path, params: Mapping, config: ModelConfig, source_dtypes=N
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path} exists and is not a directory")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True to replace "
-                              f"its {PARAMS_FILE}, {CONFIG_FILE} and {MANIFEST_FILE}")
+        raise FileExistsError(f"{path} exists and is not empty; pass --overwrite (overwrite=True) to "
+                              f"replace its {PARAMS_FILE}, {CONFIG_FILE} and {MANIFEST_FILE}")
     if not isinstance(config, ModelConfig):
         raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
     path.mkdir(parents=True, exist_ok=True)
-    flat = flatten_tree(params)
+    flat = flatten(params)
     # dtype and shape from the leaf itself: device arrays come to host one at a time, when written
-    entries = [("/".join(p), getattr(v, "dtype", None) or np.asarray(v).dtype, np.shape(v),
+    entries = [(p, getattr(v, "dtype", None) or np.asarray(v).dtype, np.shape(v),
                 (lambda v=v: np.asarray(v))) for p, v in flat.items()]
     write_safetensors(path / PARAMS_FILE, entries, metadata={"format": FORMAT}, progress=progress)
     _write_text(path / CONFIG_FILE, yaml.safe_dump(_plain(config.to_dict()), sort_keys=False))
@@ -104,8 +105,8 @@ def load_weights_config(path) -> ModelConfig:
 
 
 def load_weights_dir(path, expected_shapes=None, dtype=np.float32):
-    """-> (params as nested dict of numpy arrays cast to `dtype` (None keeps the stored dtypes),
-    ModelConfig). With `expected_shapes` (nested dict of shape tuples / jax.ShapeDtypeStruct, e.g.
+    """-> (params as nested dict of numpy arrays, each float tensor cast to `dtype` as it is read
+    ("auto", a DTYPES name or a dtype; None keeps the stored dtypes), ModelConfig). With `expected_shapes` (nested dict of shape tuples / jax.ShapeDtypeStruct, e.g.
     `cdv2.model.param_shapes(config)`), every missing, unexpected or mis-shaped param is
     reported in one CheckpointMismatchError before any tensor is read."""
     path = Path(path)
@@ -113,19 +114,9 @@ def load_weights_dir(path, expected_shapes=None, dtype=np.float32):
     config = load_weights_config(path)
     with SafetensorsReader(path / PARAMS_FILE) as reader:
         if expected_shapes is not None:
-            want = {"/".join(p): leaf_shape(v) for p, v in flatten_tree(expected_shapes).items()}
+            want = {p: leaf_shape(v) for p, v in flatten(expected_shapes).items()}
             got = {k: tuple(reader.shape(k)) for k in reader.keys()}
             raise_if_mismatched(path / PARAMS_FILE, want, got)
-        flat = {}
-        for key in reader.keys():
-            arr = reader.get(key)
-            flat[tuple(key.split("/"))] = arr if dtype is None else arr.astype(dtype, copy=False)
-    return unflatten_tree(flat), config
-
-
-def raise_if_mismatched(source, want: Mapping[str, tuple], got: Mapping[str, tuple]) -> None:
-    missing = [(k, s) for k, s in want.items() if k not in got]
-    unexpected = [(k, s) for k, s in got.items() if k not in want]
-    misshaped = [(k, want[k], s) for k, s in got.items() if k in want and want[k] != s]
-    if missing or unexpected or misshaped:
-        raise CheckpointMismatchError(source, missing, unexpected, misshaped)
+        dtype = resolve_dtype(dtype)
+        flat = {key: cast_floating(reader.get(key), dtype) for key in reader.keys()}
+    return unflatten(flat), config
