@@ -8,11 +8,11 @@ authors' stale `mode` flag, which leaked the fg-LoRA into later vanilla runs, ca
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import flax.linen as nn
 import jax
+from flax import struct
 import jax.numpy as jnp
 
 Dtype = Any
@@ -21,16 +21,17 @@ Dtype = Any
 IMPLEMENTATIONS = (None, "xla", "chunked", "cudnn", "library")
 
 
-def multihead_attention(q, k, v, heads: int, implementation: Optional[str] = None):
+def multihead_attention(q, k, v, heads: int, implementation: Optional[str] = None, causal: bool = False):
     """Softmax attention, (B, N, C) in and out, heads split as (h d) with h major (torch's
     `rearrange(..., 'b n (h d) -> b n h d')`); scale 1/sqrt(d); softmax statistics in fp32.
+    `causal`: query i sees keys j <= i only (the CLIP text tower's mask); "chunked" then runs as "xla".
 
     `implementation` (all exact, the same mathematics): None or "xla" = `xla_attention`;
     "chunked" = `chunked_xla_attention` (CPU); "cudnn" = `jax.nn.dot_product_attention`'s cuDNN
     flash attention (GPU, fp16/bf16); "library" = `jax.nn.dot_product_attention`'s XLA path.
     `cdv2.model.resolve_attention` picks one per backend."""
-    if implementation in (None, "xla"):
-        return xla_attention(q, k, v, heads)
+    if implementation in (None, "xla") or (causal and implementation == "chunked"):
+        return xla_attention(q, k, v, heads, causal)
     if implementation == "chunked":
         return chunked_xla_attention(q, k, v, heads)
     if implementation not in ("cudnn", "library"):
@@ -40,7 +41,8 @@ def multihead_attention(q, k, v, heads: int, implementation: Optional[str] = Non
     q = q.reshape(b, n, heads, d)
     k = k.reshape(b, k.shape[1], heads, d)
     v = v.reshape(b, v.shape[1], heads, d)
-    out = jax.nn.dot_product_attention(q, k, v, implementation="cudnn" if implementation == "cudnn" else None)
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=causal,
+                                       implementation="cudnn" if implementation == "cudnn" else None)
     return out.reshape(b, n, c)
 
 
@@ -60,7 +62,7 @@ def chunked_xla_attention(q, k, v, heads: int, block_bytes: int = 10 << 20):
     return out.transpose(1, 0, 2, 3).reshape(b, n, c)
 
 
-def xla_attention(q, k, v, heads: int):
+def xla_attention(q, k, v, heads: int, causal: bool = False):
     """Exact softmax attention written for XLA's own kernels: q pre-scaled (not the N x M scores),
     heads in front for the two batched matmuls, and the softmax denominator applied to the (N, d)
     output instead of the (N, M) probabilities. This saves two full passes over the score matrix
@@ -74,6 +76,9 @@ def xla_attention(q, k, v, heads: int):
 
     s = jnp.einsum("bhqd,bhkd->bhqk", heads_first(q * jnp.asarray(d ** -0.5, q.dtype)), heads_first(k),
                    preferred_element_type=jnp.float32)
+    if causal:  # torch's additive -inf upper triangle: exp(-inf) = 0
+        n_k = k.shape[1]
+        s = jnp.where(jnp.arange(n_k)[None, :] <= jnp.arange(n)[:, None], s, -jnp.inf)
     p = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
     denom = jnp.sum(p, axis=-1, keepdims=True)
     out = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), heads_first(v),
@@ -125,20 +130,21 @@ class LoRALinear(nn.Module):
         return jnp.dot(x.astype(self.dtype), w.astype(self.dtype))
 
 
-@dataclass(frozen=True)
+@struct.dataclass
 class SplitSpec:
     """How a split cross-attention layer mixes its fg and bg halves (all values may be traced).
 
     mask: (B, h, w, 1) sketch mask already at this layer's token grid; threshold: scalar or (B,);
-    strict: `m > threshold` (decoder) instead of `m >= threshold` (encoder/middle), as the authors."""
+    strict: `m > threshold` (decoder) instead of `m >= threshold` (encoder/middle), as the authors.
+    A pytree (the flags static), so it can cross `nn.remat` block boundaries."""
 
     mask: jnp.ndarray
     threshold: Any
-    strict: bool
+    strict: bool = struct.field(pytree_node=False)
     fg_scale: Any = 1.0
     bg_scale: Any = 1.0
     merge_scale: Any = 0.0
-    use_lora: bool = False
+    use_lora: bool = struct.field(pytree_node=False, default=False)
 
 
 class Attention(nn.Module):

@@ -125,7 +125,7 @@ class VisionTransformer(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, pixels: jnp.ndarray) -> jnp.ndarray:
+    def __call__(self, pixels: jnp.ndarray, full: bool = False) -> jnp.ndarray:
         cfg = self.config
         width, p = cfg.width, cfg.patch_size
         grid = cfg.image_size // p
@@ -144,7 +144,7 @@ class VisionTransformer(nn.Module):
         x = _layer_norm(x, "ln_post", self.param_dtype)
         proj = self.param("proj", init, (width, cfg.output_dim), self.param_dtype)
         x = x @ proj.astype(self.dtype)
-        return x[:, 1:]
+        return x if full else x[:, 1:]  # full: CLS first (text manipulation needs it)
 
 
 def encode_reference(params, image: jnp.ndarray, config: CLIPVisionConfig, dtype: Dtype = jnp.float32) -> jnp.ndarray:

@@ -1,12 +1,13 @@
 """Transformer blocks: the U-Net's SpatialTransformer and the background-injection block."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from cdv2.modules.attention import Attention, SplitSpec
+from cdv2.modules.injection import BlockBank, injected_self_attention
 from cdv2.modules.layers import conv, gelu_exact, group_norm, tokens
 from cdv2.modules.resize import resize_bicubic
 
@@ -53,14 +54,19 @@ class BasicTransformerBlock(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, context, reference_scale=1.0, split: Optional[SplitSpec] = None):
+    def __call__(self, x, context, reference_scale=1.0, split: Optional[SplitSpec] = None,
+                 bank: Optional[BlockBank] = None, write_bank: bool = False):
+        """bank: read an attention-injection bank entry (cdv2/modules/injection.py); write_bank:
+        return (x, norm1(x)), the entry a later read pass consumes."""
         d, pd = self.dtype, self.param_dtype
         attn = dict(dim=self.dim, heads=self.heads, attention_impl=self.attention_impl, dtype=d, param_dtype=pd)
-        x = Attention(name="attn1", **attn)(layer_norm("norm1", d, pd)(x)) + x
+        xn = layer_norm("norm1", d, pd)(x)
+        attn1 = Attention(name="attn1", **attn)
+        x = (attn1(xn) if bank is None else injected_self_attention(attn1, xn, bank)) + x
         x = Attention(name="attn2", lora_rank=self.lora_rank, **attn)(
             layer_norm("norm2", d, pd)(x), context, reference_scale, split) + x
         x = GEGLUFeedForward(self.dim, d, pd, name="ff")(layer_norm("norm3", d, pd)(x)) + x
-        return x
+        return (x, xn) if write_bank else x
 
 
 class SpatialTransformer(nn.Module):
@@ -78,7 +84,10 @@ class SpatialTransformer(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, context, reference_scale=1.0, split: Optional[SplitSpec] = None):
+    def __call__(self, x, context, reference_scale=1.0, split: Optional[SplitSpec] = None,
+                 bank: Optional[Sequence[BlockBank]] = None, write_bank: bool = False):
+        """bank: one BlockBank per transformer block (attention-injection read); write_bank:
+        return (out, tuple of the blocks' bank entries)."""
         d, pd = self.dtype, self.param_dtype
         b, h, w, c = x.shape
         x_in = x
@@ -87,12 +96,18 @@ class SpatialTransformer(nn.Module):
         x = tokens(x)
         if split is not None and split.mask.shape[1:3] != (h, w):
             split = _with_mask(split, resize_bicubic(split.mask.astype(jnp.float32), (h, w)))
+        written = []
         for i in range(self.depth):
             x = BasicTransformerBlock(c, self.heads, self.lora_rank, self.attention_impl, d, pd,
-                                      name=f"transformer_blocks_{i}")(x, context, reference_scale, split)
+                                      name=f"transformer_blocks_{i}")(
+                x, context, reference_scale, split, None if bank is None else bank[i], write_bank)
+            if write_bank:
+                x, entry = x
+                written.append(entry)
         x = x.reshape(b, h, w, c)
         x = conv(c, 1, "proj_out", d, pd)(x)
-        return x + x_in.astype(x.dtype)
+        out = x + x_in.astype(x.dtype)
+        return (out, tuple(written)) if write_bank else out
 
 
 def _with_mask(split: SplitSpec, mask) -> SplitSpec:

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from cdv2.config import UNetConfig
 from cdv2.modules.attention import SplitSpec
+from cdv2.modules.injection import AttentionBank, block_bank
 from cdv2.modules.layers import Downsample, ResBlock, Upsample, conv, group_norm, time_embed
 from cdv2.modules.resize import resize_bicubic
 from cdv2.modules.transformer import SelfTransformerBlock, SpatialTransformer, layer_norm
@@ -73,15 +74,59 @@ def num_attention_layers(cfg: UNetConfig) -> int:
     return sum(b.attention for b in input_layout(cfg)) + 1 + sum(b.attention for b in output_layout(cfg))
 
 
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything_saveable")
+
+
+def remat_block(cls, policy: str = "none"):
+    """`cls` itself for "none" (the exact same module), else `nn.remat(cls)` with the named
+    jax.checkpoint policy: the block's activations are recomputed in the backward pass instead of
+    kept ("full" keeps only its inputs; the dots_* variants also keep matmul/conv outputs)."""
+    if policy == "none":
+        return cls
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"remat policy must be one of {REMAT_POLICIES}, got {policy!r}")
+    import jax
+
+    pols = jax.checkpoint_policies
+    pol = {"full": pols.nothing_saveable, "dots_saveable": pols.dots_saveable,
+           "dots_with_no_batch_dims_saveable": pols.dots_with_no_batch_dims_saveable,
+           "everything_saveable": pols.everything_saveable}[policy]
+    return nn.remat(cls, policy=pol)
+
+
 def _layer_scale(reference_scales, i: int):
     rs = jnp.asarray(reference_scales, jnp.float32)
     return rs if rs.ndim == 0 else rs[i]
 
 
+def _bank_kwargs(cfg: UNetConfig, injection: Optional[AttentionBank], bank_out: Optional[list], layer: int) -> dict:
+    """SpatialTransformer kwargs for attention injection at attention layer `layer` (none when off,
+    so the plain call is exactly the pre-injection one)."""
+    kw = {}
+    if injection is not None:
+        d = cfg.transformer_depth
+        kw["bank"] = [block_bank(injection, layer * d + j) for j in range(d)]
+    if bank_out is not None:
+        kw["write_bank"] = True
+    return kw
+
+
+def _collect(h, bank_out: Optional[list]):
+    """A SpatialTransformer's output; in a write pass its bank entries go to `bank_out`."""
+    if bank_out is None:
+        return h
+    h, written = h
+    bank_out.extend(written)
+    return h
+
+
 def run_input_blocks(cfg: UNetConfig, x, emb, context, *, control=None, split=None, reference_scales=1.0,
-                     attention_impl=None, dtype=jnp.float32, param_dtype=jnp.float32):
+                     attention_impl=None, dtype=jnp.float32, param_dtype=jnp.float32, remat="none",
+                     injection: Optional[AttentionBank] = None, bank_out: Optional[list] = None):
     """The SD2.1 encoder half; call inside a compact method (modules attach to the caller as
-    `input_blocks_<i>_<j>`). Returns the list of per-block outputs (the skip stack)."""
+    `input_blocks_<i>_<j>`). Returns the list of per-block outputs (the skip stack). `remat`: the
+    per-block policy of `remat_block` for the ResBlocks and SpatialTransformers. Attention
+    injection (inference): `injection` is read; `bank_out` (a list) receives the written entries."""
     hs, h, attn_idx = [], x, 0
     hints = iter(control) if control is not None else None
     for blk in input_layout(cfg):
@@ -91,11 +136,13 @@ def run_input_blocks(cfg: UNetConfig, x, emb, context, *, control=None, split=No
         elif blk.kind == "down":
             h = Downsample(blk.channels, dtype, param_dtype, name=f"{name}_0")(h)
         else:
-            h = ResBlock(blk.channels, dtype, param_dtype, name=f"{name}_0")(h, emb)
+            h = remat_block(ResBlock, remat)(blk.channels, dtype, param_dtype, name=f"{name}_0")(h, emb)
             if blk.attention:
-                h = SpatialTransformer(blk.channels, blk.channels // cfg.num_head_channels, cfg.transformer_depth,
+                h = remat_block(SpatialTransformer, remat)(blk.channels, blk.channels // cfg.num_head_channels, cfg.transformer_depth,
                                        0, attention_impl, dtype, param_dtype, name=f"{name}_1")(
-                    h, context, _layer_scale(reference_scales, attn_idx), split)
+                    h, context, _layer_scale(reference_scales, attn_idx), split,
+                    **_bank_kwargs(cfg, injection, bank_out, attn_idx))
+                h = _collect(h, bank_out)
                 attn_idx += 1
         if hints is not None and blk.index in HINT_AFTER_INPUT_BLOCKS:
             h = h + next(hints).astype(h.dtype)
@@ -108,21 +155,28 @@ class UNet(nn.Module):
     attention_impl: Optional[str] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    remat: str = "none"      # per-block rematerialisation policy (`remat_block`), training only
 
     @nn.compact
     def __call__(self, x, t, context, *, control: Optional[Sequence] = None, mask=None, threshold=None,
                  hs_bg: Optional[Sequence] = None, style: Optional[Sequence] = None, use_lora: bool = False,
-                 reference_scales=1.0, fg_scale=1.0, bg_scale=1.0, merge_scale=0.0):
+                 reference_scales=1.0, fg_scale=1.0, bg_scale=1.0, merge_scale=0.0,
+                 write_bank: bool = False, injection: Optional[AttentionBank] = None):
         """x: (B, h, w, 4) latent; t: (B,) timesteps; context: (B, N, ctx) CLIP tokens ([fg | bg]
         halves when `mask` is given); control: 5 sketch hints; mask: (B, h, w, 1) latent sketch mask;
         threshold: sketch-mask threshold, scalar or (B,); hs_bg: 12 bg-encoder token maps (B, HW, C)
         indexed by output block; style: 12 style vectors (B, 2C); reference_scales: scalar or one per
-        cross-attention layer (depth-first). Returns the raw model output (v-prediction), fp32."""
+        cross-attention layer (depth-first). Returns the raw model output (v-prediction), fp32.
+        Attention injection (cdv2/modules/injection.py): write_bank=True returns (output, bank), bank
+        = tuple of every transformer block's norm1(x); injection=AttentionBank(bank, ...) reads it."""
         cfg, d, pd = self.config, self.dtype, self.param_dtype
         if mask is not None and threshold is None:
             raise ValueError("a sketch mask needs a threshold (split cross-attention)")
         if use_lora and mask is None:
             raise ValueError("the fg/bg LoRAs only act in split cross-attention: give a sketch mask")
+        if write_bank and injection is not None:
+            raise ValueError("attention injection: a call either writes the bank or reads one, not both")
+        bank_out = [] if write_bank else None
         emb = time_embed(t, cfg.model_channels, pd)
         h = x.astype(d)
         context = context.astype(d)
@@ -135,23 +189,26 @@ class UNet(nn.Module):
 
         hs = run_input_blocks(cfg, h, emb, context, control=control, split=split(False, False),
                               reference_scales=reference_scales, attention_impl=self.attention_impl,
-                              dtype=d, param_dtype=pd)
+                              dtype=d, param_dtype=pd, remat=self.remat, injection=injection, bank_out=bank_out)
         n_enc = sum(b.attention for b in input_layout(cfg))
         h = hs[-1]
         ch = h.shape[-1]
         heads = ch // cfg.num_head_channels
-        h = ResBlock(ch, d, pd, name="middle_block_0")(h, emb)
-        h = SpatialTransformer(ch, heads, cfg.transformer_depth, 0, self.attention_impl, d, pd,
+        res, st = remat_block(ResBlock, self.remat), remat_block(SpatialTransformer, self.remat)
+        h = res(ch, d, pd, name="middle_block_0")(h, emb)
+        h = st(ch, heads, cfg.transformer_depth, 0, self.attention_impl, d, pd,
                                name="middle_block_1")(h, context, _layer_scale(reference_scales, n_enc),
-                                                      split(False, False))
-        h = ResBlock(ch, d, pd, name="middle_block_2")(h, emb)
+                                                      split(False, False),
+                                                      **_bank_kwargs(cfg, injection, bank_out, n_enc))
+        h = _collect(h, bank_out)
+        h = res(ch, d, pd, name="middle_block_2")(h, emb)
 
         attn_idx = n_enc + 1
         for blk in output_layout(cfg):
             i = blk.index
             skip = hs.pop()
             if cfg.warp_module and (hs_bg is not None or self.is_initializing()):
-                warp = SelfTransformerBlock(blk.skip_channels, cfg.warp_head_dim, self.attention_impl, d, pd, name=f"warp_modules_{i}")
+                warp = remat_block(SelfTransformerBlock, self.remat)(blk.skip_channels, cfg.warp_head_dim, self.attention_impl, d, pd, name=f"warp_modules_{i}")
                 bg_tokens = hs_bg[i] if hs_bg is not None else skip.reshape(skip.shape[0], -1, skip.shape[-1])
                 bg_path = warp(skip, bg_tokens)
                 if mask is not None and hs_bg is not None:
@@ -161,12 +218,14 @@ class UNet(nn.Module):
             elif hs_bg is not None:
                 raise ValueError("hs_bg given but this U-Net has no warp modules")
             h = jnp.concatenate([h, skip.astype(h.dtype)], axis=-1)
-            h = ResBlock(blk.channels, d, pd, name=f"output_blocks_{i}_0")(h, emb)
+            h = res(blk.channels, d, pd, name=f"output_blocks_{i}_0")(h, emb)
             sub = 1
             if blk.attention:
-                h = SpatialTransformer(blk.channels, blk.channels // cfg.num_head_channels, cfg.transformer_depth,
+                h = st(blk.channels, blk.channels // cfg.num_head_channels, cfg.transformer_depth,
                                        cfg.lora_rank, self.attention_impl, d, pd, name=f"output_blocks_{i}_1")(
-                    h, context, _layer_scale(reference_scales, attn_idx), split(True, use_lora))
+                    h, context, _layer_scale(reference_scales, attn_idx), split(True, use_lora),
+                    **_bank_kwargs(cfg, injection, bank_out, attn_idx))
+                h = _collect(h, bank_out)
                 attn_idx += 1
                 sub = 2
             if blk.upsample:
@@ -179,6 +238,8 @@ class UNet(nn.Module):
 
         h = nn.silu(group_norm("out_0", 1e-5, d, pd)(h))
         h = conv(cfg.out_channels, 3, "out_2", d, pd)(h)
+        if write_bank:
+            return h.astype(jnp.float32), tuple(bank_out)
         return h.astype(jnp.float32)
 
 
