@@ -54,19 +54,21 @@ def _layer_norm(x: jnp.ndarray, name: str, param_dtype: Dtype) -> jnp.ndarray:
 
 
 class SelfAttention(nn.Module):
-    """torch nn.MultiheadAttention (self-attention, batch-first here): fused in_proj, out_proj."""
+    """torch nn.MultiheadAttention (self-attention, batch-first here): fused in_proj, out_proj;
+    `causal` = open_clip's text-tower attn_mask."""
 
     width: int
     heads: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    causal: bool = False
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         b, n, _ = x.shape
         qkv = nn.Dense(3 * self.width, dtype=self.dtype, param_dtype=self.param_dtype, name="in_proj")(x)
         q, k, v = jnp.split(qkv, 3, axis=-1)  # each (b, n, heads * head_dim), heads major
-        o = multihead_attention(q, k, v, self.heads)  # scale 1/sqrt(head_dim), fp32 softmax
+        o = multihead_attention(q, k, v, self.heads, causal=self.causal)  # scale 1/sqrt(head_dim), fp32 softmax
         return nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype, name="out_proj")(o)
 
 
@@ -91,11 +93,13 @@ class ResidualAttentionBlock(nn.Module):
     mlp_width: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    causal: bool = False
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = x + SelfAttention(self.width, self.heads, name="attn", **kw)(_layer_norm(x, "ln_1", self.param_dtype))
+        x = x + SelfAttention(self.width, self.heads, causal=self.causal, name="attn", **kw)(
+            _layer_norm(x, "ln_1", self.param_dtype))
         x = x + MLP(self.width, self.mlp_width, name="mlp", **kw)(_layer_norm(x, "ln_2", self.param_dtype))
         return x
 

@@ -22,41 +22,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cdv2.config import CLIPTextConfig
-from cdv2.modules.attention import multihead_attention
-from cdv2.modules.clip import MLP, _layer_norm
+from cdv2.modules.clip import ResidualAttentionBlock, _layer_norm
 
 Dtype = Any
-
-
-class CausalSelfAttention(nn.Module):
-    """torch nn.MultiheadAttention with open_clip's causal `attn_mask` (fused in_proj, out_proj)."""
-
-    width: int
-    heads: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        qkv = nn.Dense(3 * self.width, dtype=self.dtype, param_dtype=self.param_dtype, name="in_proj")(x)
-        q, k, v = jnp.split(qkv, 3, axis=-1)
-        o = multihead_attention(q, k, v, self.heads, causal=True)
-        return nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype, name="out_proj")(o)
-
-
-class TextResidualBlock(nn.Module):
-    width: int
-    heads: int
-    mlp_width: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = x + CausalSelfAttention(self.width, self.heads, name="attn", **kw)(_layer_norm(x, "ln_1", self.param_dtype))
-        x = x + MLP(self.width, self.mlp_width, name="mlp", **kw)(_layer_norm(x, "ln_2", self.param_dtype))
-        return x
 
 
 class TextTransformerStack(nn.Module):
@@ -71,8 +39,8 @@ class TextTransformerStack(nn.Module):
         cfg = self.config
         run = cfg.layers - cfg.clip_skip
         for i in range(cfg.layers):
-            block = TextResidualBlock(cfg.width, cfg.heads, int(cfg.width * cfg.mlp_ratio), self.dtype,
-                                      self.param_dtype, name=f"resblocks_{i}")
+            block = ResidualAttentionBlock(cfg.width, cfg.heads, int(cfg.width * cfg.mlp_ratio), self.dtype,
+                                           self.param_dtype, causal=True, name=f"resblocks_{i}")
             if i < run:
                 x = block(x)
             elif self.is_initializing():
