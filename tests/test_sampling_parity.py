@@ -67,3 +67,53 @@ def test_changing_scales_and_seed_does_not_recompile(pipe, tiny_params, fixtures
     assert after["denoise"] - before["denoise"] <= 1  # at most the first call with 3 steps compiles
     assert after["prepare"] == before["prepare"]
     assert not np.allclose(outs[0], outs[1])  # the traced values really reach the computation
+
+
+def _count_compiles():
+    """A counter of XLA backend compiles (every jit/eager program JAX compiles in this process)."""
+    import jax
+
+    box = {"n": 0}
+
+    def listener(event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            box["n"] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    return box
+
+
+def test_new_reference_or_background_size_compiles_nothing(tiny_params, tiny_config):
+    """Reference/background images are resized on the host to fixed shapes, so after the first
+    generation at a size, new image sizes compile NOTHING (style + background enhance, estimated
+    masks, background image: every host and device path of `colorize`)."""
+    from cdv2.sample.colorizer import Colorizer
+
+    col = Colorizer(tiny_params, tiny_config)
+    rng = np.random.RandomState(0)
+    sketch = np.full((64, 128, 3), 255, np.uint8)
+    sketch[16:48, 40:88] = 0
+    sketch[20:44, 44:84] = 255  # a closed outline: the estimated sketch mask has an inside
+
+    def image(h, w):
+        x = np.full((h, w, 3), 250, np.uint8)  # plain background: the reference mask can be estimated
+        x[h // 4:3 * h // 4, w // 4:3 * w // 4] = rng.randint(0, 255, (3,), np.uint8)
+        return x
+
+    counter = _count_compiles()
+    table = []
+    for use_bg in (False, True):
+        for k, (h, w) in enumerate([(96, 80), (300, 200), (57, 131)]):
+            row = []
+            for run in range(2):
+                before = counter["n"], dict(col.pipeline.trace_counts)
+                col.colorize(sketch, image(h, w), background=image(w + 11, h + 5) if use_bg else None,
+                             style_enhance=True, background_enhance=True, steps=2, size=(64, 128), seed=run,
+                             sketch_polarity="black_on_white", reference_guidance=2.0, sketch_guidance=1.5)
+                traced = {n: col.pipeline.trace_counts[n] - before[1][n] for n in before[1]}
+                row.append(counter["n"] - before[0])
+                if k or run:
+                    assert row[-1] == 0 and not any(traced.values()), (h, w, run, row, traced)
+            table.append(((h, w), use_bg, row))
+    for hw, use_bg, row in table:
+        print(f"reference {hw} {'+ background' if use_bg else ''}: XLA compiles per run {row}")

@@ -1,29 +1,33 @@
 """The public inference API: `Colorizer.from_pretrained(path).colorize(sketch, reference, ...)`.
 
-Host side: images are loaded, validated and turned into model arrays once; device side: one jitted
-`prepare` (CLIP, VAE, sketch/background/style encoders), one jitted denoising loop, one jitted
-decode. Changing guidance scales, strengths, thresholds or the seed never recompiles.
+Every control of the authors' app is a keyword of `colorize` (table in docs/DIFFERENCES.md and
+`cdv2.app.controls`). Host side: images are loaded, validated, masked and resized to fixed shapes
+once; device side: one jitted `prepare` (CLIP, VAE, sketch/background/style encoders), one jitted
+denoising loop, one jitted decode. Changing guidance scales, strengths, thresholds, the guidance
+window, the seed or the reference/background image size never recompiles.
 """
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
+from cdv2.conditioning import size_ratios
 from cdv2.config import ModelConfig
-from cdv2.modules.encoders import size_ratios
+from cdv2.diffusion.guidance import branches_for
 from cdv2.sample import masks as mask_ops
 from cdv2.sample import preprocess as pre
-from cdv2.sample.conditions import Inputs, Strengths
-from cdv2.diffusion.guidance import branches_for
-from cdv2.sample.pipeline import Guidance, Pipeline, mode_flags
+from cdv2.sample.conditions import Inputs, Modes, Strengths, resolve_modes
+from cdv2.sample.pipeline import Guidance, Pipeline
 from cdv2.sample.scales import reference_scales
 
 DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
+MAX_APP_SEED = 429496729  # the authors' MAXM_INT32: seed -1 draws from [0, this]
+MaskFn = Callable[[np.ndarray], np.ndarray]  # uint8 (h, w, 3) -> (h, w) float mask in [0, 1]
 
 
 @dataclass
@@ -33,39 +37,91 @@ class Prepared:
     inputs: Inputs
     box: tuple[int, int, int, int]
     size: tuple[int, int]
+    modes: Modes = Modes()
 
 
-def _noise(seed, shape):
-    return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+def _noise(key, shape):
+    return jax.random.normal(key, shape, jnp.float32)
 
 
 _noise_jit = jax.jit(_noise, static_argnums=1)
 
 
+def resolve_seed(seed: int) -> int:
+    """The app's seed rule: -1 draws a random seed in [0, 429496729]; others are used as given."""
+    seed = int(seed)
+    if seed == -1:
+        return random.randint(0, MAX_APP_SEED)
+    if not 0 <= seed < 2 ** 32:
+        raise ValueError(f"seed must be -1 (random) or in [0, 2**32), got {seed}")
+    return seed
+
+
+def seed_keys(seed: int):
+    """(x_T key, VAE posterior key, sampler key) of a seed. x_T = one N(0,1) draw of shape
+    (num_images, h, w, 4): rows differ, as the authors' one randn(bs, ...)."""
+    key = jax.random.key(seed)
+    return key, jax.random.fold_in(key, 1), jax.random.fold_in(key, 2)
+
+
 class Colorizer:
-    def __init__(self, params, config: ModelConfig, dtype: str = "float32", attention_impl: Optional[str] = "auto"):
+    def __init__(self, params, config: ModelConfig, dtype: str = "float32", attention_impl: Optional[str] = "auto",
+                 mask_extractor: Optional[MaskFn] = None):
+        """mask_extractor: the reference-mask network (the authors' rmbg-v2) as a function; None uses
+        the network-free estimate `masks.estimate_reference_mask` (alpha or plain background)."""
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         self.config = config
         self.params = jax.tree_util.tree_map(jnp.asarray, params)
         self.pipeline = Pipeline(config, dtype=DTYPES[dtype], attention_impl=attention_impl)
+        self.mask_extractor = mask_extractor
+        self.last_seed: Optional[int] = None  # the seed of the last `colorize` (the app's "Reuse Seed")
 
     @classmethod
     def from_pretrained(cls, path, clip: Optional[str] = None, *, config=None, dtype: str = "float32",
                         attention_impl: Optional[str] = "auto") -> "Colorizer":
         """`path`: a cdv2 weights directory, or the authors' v2 checkpoint (then `clip` names an
-        open_clip ViT-H-14 file); see `cdv2.weights.pretrained.HOW_TO_GET_WEIGHTS`."""
+        open_clip ViT-H-14 file unless the checkpoint holds CLIP); see
+        `cdv2.weights.pretrained.HOW_TO_GET_WEIGHTS`."""
         from cdv2.weights.pretrained import load_pretrained
 
         params, cfg = load_pretrained(path, clip=clip, config=config)
         return cls(params, cfg, dtype=dtype, attention_impl=attention_impl)
 
     # ------------------------------------------------------------------------------------------
-    def prepare_inputs(self, sketch, reference, *, mode: str, background=None, sketch_mask=None,
-                       reference_mask=None, size: Optional[tuple[int, int]] = None, long_side: int = 768,
-                       sketch_polarity: str = "auto", sketch_mask_dilation: Optional[int] = None) -> Prepared:
-        """Load and validate images and masks; returns model arrays (host numpy inside `Inputs`)."""
-        _, background_enhance = mode_flags(mode)
+    def _reference_mask(self, rgb: np.ndarray, alpha, *, dilate: bool = True) -> np.ndarray:
+        """(1, h, w, 1) character mask of an image: the mask network if set, else the estimate."""
+        if self.mask_extractor is None:
+            return mask_ops.estimate_reference_mask(rgb, alpha, dilate=dilate)
+        m = np.clip(np.asarray(self.mask_extractor(rgb), np.float32), 0.0, 1.0).reshape(rgb.shape[:2])
+        if dilate:
+            m = mask_ops.max_filter(m, mask_ops.REFERENCE_DILATE_PX)
+        return m[None, :, :, None]
+
+    def _user_or_estimated_mask(self, given, img, pad_scale, what, against):
+        """A user's mask (padded like the image: the padding is background) or the estimate."""
+        rgb, alpha = pre.load_image(img, what=against)
+        if given is None:
+            if pad_scale > 1.0:  # estimate on the padded image, as the authors' extractor sees it
+                rgb = pre.load_image(_pad_rgb(rgb, pad_scale), what=against)[0]
+                alpha = None if alpha is None else _pad_rgb(alpha[..., None].repeat(3, -1), pad_scale, 255)[..., 0]
+            return self._reference_mask(rgb, alpha)
+        m = mask_ops.load_mask(given, rgb.shape[:2], what=what, against=against)
+        if pad_scale > 1.0:
+            m = _pad_rgb(m[0].repeat(3, -1), pad_scale, 0, np.float32)[None, ..., :1]
+        return m
+
+    def prepare_inputs(self, sketch, reference, *, mode=None, background=None, sketch_mask=None,
+                       reference_mask=None, background_mask=None, size: Optional[tuple[int, int]] = None,
+                       long_side: int = 768, sketch_polarity: str = "auto", sketch_mask_dilation: Optional[int] = None,
+                       reference_padding_scale: float = 1.0, remove_foreground_in_background: bool = False,
+                       reference_mask_threshold: float = 0.5, **flags) -> Prepared:
+        """Load and validate images and masks; returns model arrays (host numpy inside `Inputs`).
+        mode / flags (style_enhance, background_enhance, foreground_enhance, attention_injection): see
+        `colorize`."""
+        modes = _modes(mode, flags)
+        if not 1.0 <= reference_padding_scale <= 2.0:
+            raise ValueError(f"reference_padding_scale must be in [1, 2] (the app's range), got {reference_padding_scale}")
         sk_rgb, _ = pre.load_image(sketch, what="sketch")
         if size is None:
             size = pre.choose_generation_size(sk_rgb.shape[:2], target_long_side=long_side)
@@ -73,13 +129,13 @@ class Colorizer:
             raise ValueError(f"size {size} (height, width) must be multiples of 64, at least 64")
         H, W = size
         sk, box = pre.prepare_sketch(sk_rgb, (H, W), polarity=sketch_polarity)
-        ref, ref_hw = pre.prepare_reference(reference)
+        ref, ref_hw = pre.prepare_reference(reference, pad_scale=reference_padding_scale)
         bg = bg_ratios = None
         if background is not None:
-            bg, bg_hw = pre.prepare_background(background)
+            bg, bg_hw = pre.prepare_background(background, pad_scale=reference_padding_scale)
             bg_ratios = size_ratios(bg_hw, (H, W))[None]
         smask = rmask = None
-        if background_enhance:
+        if modes.split:
             if sketch_mask is not None:
                 m = mask_ops.load_mask(sketch_mask, sk_rgb.shape[:2], what="sketch mask", against="the sketch")
                 full = mask_ops.place_mask_in_box(m, box, (H, W))
@@ -87,46 +143,125 @@ class Colorizer:
                 dil = sketch_mask_dilation if sketch_mask_dilation is not None else max(1, round(max(H, W) / 96))
                 full = mask_ops.estimate_sketch_mask(sk, dil)
             smask = mask_ops.latent_mask(full, (H // 8, W // 8))
-            if background is None:
-                if reference_mask is not None:
-                    rmask = mask_ops.load_mask(reference_mask, ref_hw, what="reference mask", against="the reference")
-                else:  # alpha channel, or an estimated plain background (approximates rmbg)
-                    rgb, alpha = pre.load_image(reference, what="reference")
-                    rmask = mask_ops.estimate_reference_mask(rgb, alpha)
+            if bg is not None and remove_foreground_in_background:  # whiten the background's characters
+                bgmask = self._user_or_estimated_mask(background_mask, background, reference_padding_scale,
+                                                      "background mask", "background")
+                bg = np.where(bgmask < reference_mask_threshold, bg, 1.0).astype(np.float32)
+                rmask = bgmask
+            elif bg is None and modes.background:
+                rmask = self._user_or_estimated_mask(reference_mask, reference, reference_padding_scale,
+                                                     "reference mask", "reference")
         inputs = Inputs(sketch=sk, reference=ref, reference_ratios=size_ratios(ref_hw, (H, W))[None],
                         reference_mask=rmask, sketch_mask=smask, background=bg, background_ratios=bg_ratios)
-        return Prepared(inputs, box, (H, W))
+        return Prepared(inputs, box, (H, W), modes)
 
-    def colorize(self, sketch, reference, *, mode: str = "full", background=None, sketch_mask=None,
-                 reference_mask=None, steps: int = 20, sampler: str = "dpmpp_2m", karras: bool = False,
-                 reference_guidance: float = 4.0, sketch_guidance: float = 1.0, reference_strength: float = 1.0,
-                 per_layer_scales: Optional[Sequence[float]] = None, fg_strength: float = 1.0,
-                 bg_strength: float = 1.0, merge_scale: float = 0.0, sketch_strength: float = 1.0,
-                 background_factor: float = 1.0, sketch_mask_threshold: float = 0.05,
-                 reference_mask_threshold: float = 0.5, seed: int = 0, num_images: int = 1,
-                 size: Optional[tuple[int, int]] = None, long_side: int = 768, crop: bool = True,
-                 sketch_polarity: str = "auto", progress: bool = False) -> list[Image.Image]:
+    def colorize(self, sketch, reference, *, mode=None, style_enhance: Optional[bool] = None,
+                 background_enhance: Optional[bool] = None, foreground_enhance: Optional[bool] = None,
+                 attention_injection: Optional[bool] = None, background=None, sketch_mask=None,
+                 reference_mask=None, background_mask=None, steps: int = 20, sampler: str = "diffuser_dpm",
+                 schedule: str = "Automatic", karras: Optional[bool] = None, reference_guidance: float = 4.0,
+                 sketch_guidance: float = 1.0, reference_strength: float = 1.0, encoder_scale: float = 1.0,
+                 middle_scale: float = 1.0, low_scale: float = 1.0, per_layer_scales: Optional[Sequence[float]] = None,
+                 authors_layer_mapping: bool = False, fg_strength: float = 1.0, bg_strength: float = 1.0,
+                 merge_scale: float = 0.0, sketch_strength: float = 1.0, background_factor: float = 1.0,
+                 sketch_mask_threshold: float = 0.05, reference_mask_threshold: float = 0.5,
+                 reference_padding_scale: float = 1.0, guidance_start_step: float = 0.0,
+                 guidance_end_step: float = 1.0, no_guidance_start_step: float = -0.05,
+                 no_guidance_end_step: float = -0.05, crop: bool = False,
+                 remove_foreground_in_background: bool = False, remove_background_in_result: bool = False,
+                 seed: int = -1, num_images: int = 1, deterministic_batch_seed: bool = False,
+                 posterior: str = "sample", initial_noise=None, vae_noise: Optional[dict] = None,
+                 sampler_noise=None, size: Optional[tuple[int, int]] = None, long_side: int = 768,
+                 sketch_polarity: str = "auto", progress: bool = False, output: str = "pil"):
         """Colorize `sketch` (path, PIL image or array; black lines on white or the reverse) after
-        `reference`. mode: "vanilla" | "style" | "background" | "full". A `background` image
-        replaces the reference's background (background modes). Masks are used as given, or
-        estimated (see cdv2.sample.masks). Returns `num_images` PIL images."""
+        `reference`. Defaults are the authors' app's. Returns `num_images` PIL images; the seed used
+        is kept in `self.last_seed`.
+
+        Modes: `mode` = "vanilla" | "style" | "background" | "full" | "foreground" (shorthands) and/or
+        the app's checkboxes style_enhance, background_enhance, foreground_enhance (override `mode`);
+        attention_injection raises NotImplementedError for now. A `background` image replaces the
+        reference's background. Masks are used as given, or estimated (see cdv2.sample.masks).
+        Scales: reference_strength with encoder/middle/low_scale ("Encoder/Color/Semantics
+        crossattn scale") or per_layer_scales (the "accurate" sliders); authors_layer_mapping=True
+        applies exactly the authors' per-layer values (see cdv2.sample.scales).
+        Guidance window: the reference is used only for 1 - t/999 in [guidance_start_step,
+        guidance_end_step] and outside [no_guidance_start_step, no_guidance_end_step] (in the
+        authors' v2 these sliders have no effect; identical at the defaults).
+        Reproducibility: seed -1 = random; initial_noise (num_images, h, w, 4) replaces the seed's
+        x_T; posterior "sample" (the authors', noise from the seed or `vae_noise` {"reference",
+        "background": (1, h, w, 4)}) or "mean"; sampler_noise: injected draws of stochastic samplers;
+        deterministic_batch_seed: every batch row gets the same sampler draws (the app's option).
+        output: "pil" (list of images, 8-bit) or "array" ((num_images, H, W, 3) float32, unclamped)."""
         if steps < 1 or num_images < 1:
             raise ValueError("steps and num_images must be >= 1")
-        prep = self.prepare_inputs(sketch, reference, mode=mode, background=background, sketch_mask=sketch_mask,
-                                   reference_mask=reference_mask, size=size, long_side=long_side,
-                                   sketch_polarity=sketch_polarity)
+        if output not in ("pil", "array"):
+            raise ValueError(f"output must be 'pil' or 'array', got {output!r}")
+        modes = _modes(mode, dict(style_enhance=style_enhance, background_enhance=background_enhance,
+                                  foreground_enhance=foreground_enhance, attention_injection=attention_injection))
+        if modes.injection:
+            raise NotImplementedError("attention injection is not available in cdv2 yet")
+        if karras is not None:  # the first API's flag
+            schedule = "Karras" if karras else schedule
+        prep = self.prepare_inputs(sketch, reference, mode=modes, background=background, sketch_mask=sketch_mask,
+                                   reference_mask=reference_mask, background_mask=background_mask, size=size,
+                                   long_side=long_side, sketch_polarity=sketch_polarity,
+                                   reference_padding_scale=reference_padding_scale,
+                                   remove_foreground_in_background=remove_foreground_in_background,
+                                   reference_mask_threshold=reference_mask_threshold)
+        seed = resolve_seed(seed)
+        self.last_seed = seed
+        k_noise, k_vae, k_sampler = seed_keys(seed)
+        H, W = prep.size
+        lat_shape = (num_images, H // 8, W // 8, self.config.unet.in_channels)
         branches = branches_for(reference_guidance, sketch_guidance)
         strengths = Strengths(control_scale=sketch_strength, mask_scale=background_factor, merge_scale=merge_scale,
                               reference_mask_threshold=reference_mask_threshold)
-        conds, _ = self.pipeline.prepare(self.params, prep.inputs, strengths, mode=mode, branches=branches,
-                                         num_images=num_images)
-        H, W = prep.size
-        noise = _noise_jit(jnp.uint32(seed), (num_images, H // 8, W // 8, self.config.unet.in_channels))
+        conds, _ = self.pipeline.prepare(self.params, prep.inputs, strengths, mode=modes, branches=branches,
+                                         num_images=num_images, posterior=posterior, vae_noise=vae_noise,
+                                         vae_rng=k_vae if vae_noise is None else None)
+        noise = _noise_jit(k_noise, lat_shape) if initial_noise is None else jnp.asarray(initial_noise, jnp.float32)
+        if noise.shape != lat_shape:
+            raise ValueError(f"initial_noise must have shape {lat_shape} (num_images, H/8, W/8, 4), got {noise.shape}")
+        scales = reference_scales(reference_strength, encoder_scale=encoder_scale, middle_scale=middle_scale,
+                                  low_scale=low_scale, per_layer=per_layer_scales,
+                                  authors_layer_mapping=authors_layer_mapping)
         guidance = Guidance(reference_guidance=reference_guidance, sketch_guidance=sketch_guidance,
-                            sketch_mask_threshold=sketch_mask_threshold,
-                            reference_scales=reference_scales(reference_strength, per_layer=per_layer_scales),
-                            fg_scale=fg_strength, bg_scale=bg_strength, merge_scale=merge_scale)
-        latent = self.pipeline.denoise(self.params["unet"], conds, noise, guidance, sampler=(sampler, steps, karras),
-                                       branches=branches, progress=progress)
-        images = pre.to_pil(np.asarray(self.pipeline.decode(self.params["vae"], latent)))
+                            sketch_mask_threshold=sketch_mask_threshold, reference_scales=scales,
+                            fg_scale=fg_strength, bg_scale=bg_strength, merge_scale=merge_scale,
+                            guidance_start=guidance_start_step, guidance_end=guidance_end_step,
+                            no_guidance_start=no_guidance_start_step, no_guidance_end=no_guidance_end_step)
+        latent = self.pipeline.denoise(self.params["unet"], conds, noise, guidance, sampler=(sampler, steps, schedule),
+                                       branches=branches, progress=progress, key=k_sampler,
+                                       sampler_noise=sampler_noise, batch_shared_noise=deterministic_batch_seed)
+        x = np.asarray(self.pipeline.decode(self.params["vae"], latent))
+        if remove_background_in_result:
+            x = np.stack([self.remove_background(im, reference_mask_threshold) for im in x])
+        if output == "array":
+            return pre.crop_to_box(x, prep.box) if crop else x
+        images = pre.to_pil(x)
         return [pre.crop_to_box(im, prep.box) for im in images] if crop else images
+
+    def remove_background(self, image: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+        """The app's "Remove background in result": whiten (H, W, 3) [-1, 1] pixels whose character
+        mask (no dilation) is below `threshold`."""
+        m = self._reference_mask(pre.to_uint8(image), None, dilate=False)[0]
+        return np.where(m >= threshold, image, 1.0).astype(np.float32)
+
+
+def _modes(mode, flags: dict) -> Modes:
+    names = {"style_enhance": "style", "background_enhance": "background", "foreground_enhance": "foreground",
+             "attention_injection": "injection"}
+    unknown = set(flags) - set(names)
+    if unknown:
+        raise TypeError(f"unexpected keyword arguments {sorted(unknown)}")
+    return resolve_modes(mode, **{names[k]: v for k, v in flags.items()})
+
+
+def _pad_rgb(a: np.ndarray, pad_scale: float, fill=255, dtype=np.uint8) -> np.ndarray:
+    """The authors' `pad_image_with_margin`: width to int(w * pad_scale), content centred."""
+    h, w = a.shape[:2]
+    nw = int(w * pad_scale)
+    out = np.full((h, nw) + a.shape[2:], fill, dtype)
+    left = (nw - w) // 2
+    out[:, left:left + w] = a
+    return out

@@ -1,35 +1,84 @@
 """Conditions, computed ONCE per image (never per step): CLIP tokens, sketch hints, the VAE latents
 and the background/style encoders, assembled into the U-Net's guidance-branch batch.
 
-Follows the authors' `prepare_conditions` (ARCHITECTURE.md §4.2-4.4). Deliberate difference: the
-reference/background VAE latents use the posterior MEAN unless a `vae_rng` is given (the authors
-draw a posterior sample, which makes conditioning slightly random; the oracle also uses the mean).
+Follows the authors' `prepare_conditions` (ARCHITECTURE.md §4.2-4.4) with the shared builder
+`cdv2.conditioning` (training uses the same functions). Two input forms:
+* `Inputs`: host arrays at their own resolutions (reference and background of any size);
+* `ModelInputs`: what the jitted `prepare` sees, with FIXED shapes per generation size: the
+  reference/background are resized on the host (`to_model_inputs`, torch-equal resizes) to the
+  CLIP input size and to the generation size, so a new reference size never recompiles.
+VAE posterior: the mean, or the authors' sample with explicit noise per latent (`vae_noise`
+{"reference": (1,h,w,4), "background": (1,h,w,4)}; "background" is the background image or the
+masked reference, whichever the modes encode).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
-import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
+from cdv2 import conditioning as cb
 from cdv2.model import Components
-from cdv2.modules.clip import preprocess_for_clip
-from cdv2.modules.encoders import size_embedding
-from cdv2.modules.resize import resize_bicubic
-from cdv2.modules.vae import AutoencoderKL, encode_to_latent
 from cdv2.diffusion.guidance import COND, UNCOND_REF, UNCOND_SKETCH
+
+VAE_NOISE_SLOTS = ("reference", "background")
+
+
+@dataclasses.dataclass(frozen=True)
+class Modes:
+    """The app's independent checkboxes (static: each combination compiles once).
+    style: "Style enhance"; background: "BG enhance (mask guided)"; foreground: "FG enhance (mask
+    guided)" (split attention over [e | e] with the sketch mask, no LoRA, no skip injection);
+    injection: "Attention injection" (not wired yet)."""
+
+    style: bool = False
+    background: bool = False
+    foreground: bool = False
+    injection: bool = False
+
+    @property
+    def split(self) -> bool:
+        """Mask-guided split cross-attention (fg or bg enhance)."""
+        return self.background or self.foreground
+
+    @property
+    def lora(self) -> bool:
+        """The fg/bg LoRAs: the authors switch them on in BG enhance only."""
+        return self.background
+
+
+MODE_SHORTHANDS = {"vanilla": Modes(), "style": Modes(style=True), "background": Modes(background=True),
+                   "full": Modes(style=True, background=True), "foreground": Modes(foreground=True)}
+
+
+def resolve_modes(mode=None, *, style=None, background=None, foreground=None, injection=None) -> Modes:
+    """A shorthand name (or a `Modes`) with optional per-flag overrides -> `Modes`."""
+    if isinstance(mode, Modes):
+        base = mode
+    elif mode is None:
+        base = Modes()
+    elif mode in MODE_SHORTHANDS:
+        base = MODE_SHORTHANDS[mode]
+    else:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {sorted(MODE_SHORTHANDS)} or pass Modes(...)")
+    over = {k: bool(v) for k, v in dict(style=style, background=background, foreground=foreground,
+                                         injection=injection).items() if v is not None}
+    return dataclasses.replace(base, **over)
 
 
 @struct.dataclass
 class Inputs:
-    """Model-ready arrays (NHWC, batch 1). sketch: (1,H,W,3) lines +1 on -1; reference: (1,h,w,3)
-    in [-1,1]; *_ratios: (1,2) size-embedding ratios; reference_mask: (1,h,w,1) in [0,1] at the
-    reference's resolution; sketch_mask: (1,H/8,W/8,1) latent-resolution sketch mask."""
+    """Host arrays (NHWC, batch 1). sketch: (1,H,W,3) lines +1 on -1; reference/background: (1,h,w,3)
+    in [-1,1] at their own resolution; *_ratios: (1,2) size-embedding ratios (None: from the image
+    size, `conditioning.size_ratios`); reference_mask: (1,h,w,1) in [0,1] at the reference's
+    resolution; sketch_mask: (1,H/8,W/8,1) latent-resolution sketch mask."""
 
     sketch: jnp.ndarray
     reference: jnp.ndarray
-    reference_ratios: jnp.ndarray
+    reference_ratios: Optional[jnp.ndarray] = None
     reference_mask: Optional[jnp.ndarray] = None
     sketch_mask: Optional[jnp.ndarray] = None
     background: Optional[jnp.ndarray] = None
@@ -37,92 +86,130 @@ class Inputs:
 
 
 @struct.dataclass
+class ModelInputs:
+    """Fixed-shape inputs of the jitted `prepare`: *_clip (1,S,S,3) antialiased squash to the CLIP
+    input size, *_vae (1,H,W,3) `warp_resize` to the generation size (both [-1,1], un-normalised);
+    masked_*: the reference with its character whitened (BG enhance without a background image)."""
+
+    sketch: jnp.ndarray
+    reference_clip: jnp.ndarray
+    reference_vae: jnp.ndarray
+    reference_ratios: jnp.ndarray
+    sketch_mask: Optional[jnp.ndarray] = None
+    background_clip: Optional[jnp.ndarray] = None
+    background_vae: Optional[jnp.ndarray] = None
+    background_ratios: Optional[jnp.ndarray] = None
+    masked_clip: Optional[jnp.ndarray] = None
+    masked_vae: Optional[jnp.ndarray] = None
+
+
+@struct.dataclass
 class UNetConditions:
-    """Everything the U-Net receives besides x and t, stacked branch-major along the batch."""
+    """Everything the U-Net receives besides x and t, stacked branch-major along the batch.
+    use_lora (static): the decoder's fg/bg LoRAs (BG enhance)."""
 
     context: jnp.ndarray
     control: tuple
     mask: Optional[jnp.ndarray] = None
     hs_bg: Optional[tuple] = None
     style: Optional[tuple] = None
+    use_lora: bool = struct.field(pytree_node=False, default=False)
 
 
 @struct.dataclass
 class Strengths:
-    """Per-generation numbers used while preparing conditions (all traced)."""
+    """Per-generation numbers used while preparing conditions. control_scale and mask_scale are
+    traced; reference_mask_threshold is applied on the host (`to_model_inputs`)."""
 
-    control_scale: jnp.ndarray = 1.0       # "sketch strength": hints x this
-    mask_scale: jnp.ndarray = 1.0          # "background factor": bg-encoder features x this
-    merge_scale: jnp.ndarray = 0.0         # style vectors (and split attention) mix of bg into fg
-    reference_mask_threshold: jnp.ndarray = 0.5  # ts_r: reference pixels with mask < ts_r are background
-
-
-def _clip_tokens(comps: Components, params, image):
-    return comps.clip.apply({"params": params["clip"]}, preprocess_for_clip(image, comps.clip.config.image_size))
+    control_scale: jnp.ndarray = 1.0       # "Sketch strength": hints x this
+    mask_scale: jnp.ndarray = 1.0          # "Background factor": bg-encoder features x this
+    merge_scale: jnp.ndarray = 0.0         # "Merging scale": style vectors (and split attention) bg mix
+    reference_mask_threshold: float = 0.5  # ts_r: reference pixels with mask < ts_r are background
 
 
-def _vae_latent(comps: Components, params, image, size_hw, rng):
-    """Squash `image` to the generation's pixel size (the authors' warp_resize: torch bicubic), encode."""
-    image = resize_bicubic(image, size_hw)
-    mean, logvar = comps.vae.apply({"params": params["vae"]}, image, method=AutoencoderKL.encode)
-    return encode_to_latent(mean, logvar, rng, comps.vae.config.scale_factor)
+def to_model_inputs(inputs: Inputs, clip_size: int, modes: Modes, reference_mask_threshold: float = 0.5
+                    ) -> ModelInputs:
+    """Host side (numpy): resize reference/background once to the fixed shapes the jitted prepare
+    sees, with the torch-equal resizes (`preprocess.squash_for_clip`, `preprocess.squash_to`)."""
+    from cdv2.sample.preprocess import squash_for_clip, squash_to
+
+    sk = np.asarray(inputs.sketch, np.float32)
+    hw = sk.shape[1:3]
+    ref = np.asarray(inputs.reference, np.float32)
+
+    def ratios(given, img):
+        return np.asarray(cb.size_ratios(img.shape[1:3], hw)[None] if given is None else given, np.float32)
+
+    kw = dict(sketch=sk, reference_clip=squash_for_clip(ref, clip_size), reference_vae=squash_to(ref, hw),
+              reference_ratios=ratios(inputs.reference_ratios, ref),
+              sketch_mask=None if inputs.sketch_mask is None else np.asarray(inputs.sketch_mask, np.float32))
+    if inputs.background is not None:
+        bg = np.asarray(inputs.background, np.float32)
+        kw.update(background_clip=squash_for_clip(bg, clip_size), background_vae=squash_to(bg, hw),
+                  background_ratios=ratios(inputs.background_ratios, bg))
+    elif modes.background and inputs.reference_mask is not None:
+        r_bg = np.where(np.asarray(inputs.reference_mask) < float(reference_mask_threshold), ref, 1.0)
+        kw.update(masked_clip=squash_for_clip(r_bg, clip_size), masked_vae=squash_to(r_bg, hw))
+    return ModelInputs(**kw)
 
 
-def prepare_conditions(comps: Components, params, inputs: Inputs, strengths: Strengths, *, style: bool,
-                       background: bool, branches: tuple[str, ...], num_images: int = 1,
-                       vae_rng: Optional[jax.Array] = None) -> tuple[UNetConditions, dict]:
+def prepare_conditions(comps: Components, params, mi: ModelInputs, strengths: Strengths, *, modes: Modes,
+                       branches: tuple[str, ...], num_images: int = 1,
+                       vae_noise: Optional[dict] = None) -> tuple[UNetConditions, dict]:
     """Returns the branch-stacked U-Net conditions and a dict of intermediate tensors (CLIP tokens,
     encoder inputs/outputs) for inspection and tests."""
-    H, W = inputs.sketch.shape[1:3]
-    rng_ref, rng_bg = (None, None) if vae_rng is None else tuple(jax.random.split(vae_rng))
-    e = _clip_tokens(comps, params, inputs.reference)
-    y_ref = size_embedding(inputs.reference_ratios, comps.bg_encoder.config.adm_in_channels // 2)
-    blank = -jnp.ones_like(inputs.sketch)
-    hints = comps.sketch_encoder.apply({"params": params["sketch_encoder"]},
-                                       jnp.concatenate([inputs.sketch, blank], axis=0))
-    hints = [h * strengths.control_scale for h in hints]
-    control, uc_control = [h[:1] for h in hints], [h[1:] for h in hints]
-    debug = {"clip_tokens": e, "control": control}
+    if modes.injection:
+        raise NotImplementedError("attention injection is not wired into the pipeline yet")
+    vae_noise = vae_noise or {}
+    e = cb.clip_tokens(comps, params, mi.reference_clip, squashed=True)
+    y_ref = cb.size_condition(comps, mi.reference_ratios)
+    control, uc_control = cb.sketch_hints(comps, params, mi.sketch, strengths.control_scale)
+    debug = {"clip_tokens": e, "control": control, "y_reference": y_ref}
+    has_bg_image = mi.background_vae is not None
 
-    e_bg = z_bg = y_bg = None
-    if inputs.background is not None:
-        z_bg = _vae_latent(comps, params, inputs.background, (H, W), rng_bg)
-        e_bg = _clip_tokens(comps, params, inputs.background)
-        y_bg = size_embedding(inputs.background_ratios, comps.bg_encoder.config.adm_in_channels // 2)
+    def bg_image_parts():
+        z = cb.vae_latent(comps, params, mi.background_vae, vae_noise.get("background"))
+        return z, cb.clip_tokens(comps, params, mi.background_clip, squashed=True), \
+            cb.size_condition(comps, mi.background_ratios)
 
-    style_vecs = None
-    if style:
-        z_ref = _vae_latent(comps, params, inputs.reference, (H, W), rng_ref)
-        if z_bg is None:
-            style_vecs = comps.style_encoder.apply({"params": params["style_encoder"]}, z_ref, y_ref, e)
-        else:  # reference and background through the style encoder together, then mixed
-            both = comps.style_encoder.apply({"params": params["style_encoder"]}, jnp.concatenate([z_ref, z_bg]),
-                                             jnp.concatenate([y_ref, y_bg]), jnp.concatenate([e, e_bg]))
-            m = strengths.merge_scale
-            style_vecs = [(1 - m) * v[:1] + m * v[1:] for v in both]
-        debug.update(style_in=z_ref, style_out=style_vecs)
-
-    hs_bg, mask = None, None
-    if background:
-        if inputs.sketch_mask is None:
-            raise ValueError("background enhancement needs a sketch mask")
-        if z_bg is None:
-            if inputs.reference_mask is None:
-                raise ValueError("background enhancement needs a reference mask or a background image")
-            # the reference with its character whitened out
-            r_bg = jnp.where(inputs.reference_mask < strengths.reference_mask_threshold, inputs.reference, 1.0)
-            z_bg = _vae_latent(comps, params, r_bg, (H, W), rng_bg)
-            e_bg = _clip_tokens(comps, params, r_bg)
-            y_bg, enc_context = y_ref, e
+    e_bg = z_bg = y_bg = style_vecs = hs_bg = None
+    if modes.style:
+        z_ref = cb.vae_latent(comps, params, mi.reference_vae, vae_noise.get("reference"))
+        if has_bg_image:  # reference and background through the style encoder together, then mixed
+            z_bg, e_bg, y_bg = bg_image_parts()
+            style_vecs = cb.merged_style_vectors(comps, params, z_ref, y_ref, e, z_bg, y_bg, e_bg,
+                                                 strengths.merge_scale)
         else:
-            # authors' quirk (NOTES (c) 8): with style enhance on as well, the context falls back to e
-            enc_context = e if style else e_bg
-        hs_bg = comps.bg_encoder.apply({"params": params["bg_encoder"]}, z_bg, y_bg, enc_context)
-        hs_bg = [h * strengths.mask_scale for h in hs_bg]
-        mask = inputs.sketch_mask
-        debug.update(bg_in=z_bg, bg_context=enc_context, bg_out=hs_bg)
+            style_vecs = cb.style_vectors(comps, params, z_ref, y_ref, e)
+        debug.update(z_reference=z_ref, style_out=style_vecs)
 
-    context = jnp.concatenate([e, e_bg if e_bg is not None else e], axis=1) if background else e
+    if modes.background:
+        if mi.sketch_mask is None:
+            raise ValueError("background enhancement needs a sketch mask")
+        if z_bg is not None:
+            enc_context = e  # authors' quirk (NOTES (c) 8): style + background image -> context e
+        elif has_bg_image:
+            z_bg, e_bg, y_bg = bg_image_parts()
+            enc_context = e_bg
+        else:
+            if mi.masked_vae is None:
+                raise ValueError("background enhancement needs a reference mask or a background image")
+            z_bg = cb.vae_latent(comps, params, mi.masked_vae, vae_noise.get("background"))
+            e_bg = cb.clip_tokens(comps, params, mi.masked_clip, squashed=True)
+            y_bg, enc_context = y_ref, e
+        hs_bg = cb.background_features(comps, params, z_bg, y_bg, enc_context, strengths.mask_scale)
+        debug.update(z_background=z_bg, y_background=y_bg, bg_context=enc_context, bg_out=hs_bg)
+
+    mask = None
+    context = e
+    if modes.split:
+        if mi.sketch_mask is None:
+            raise ValueError("fg/bg enhancement (split attention) needs a sketch mask")
+        context = cb.split_context(e, e_bg)  # FG alone: [e | e] (or [e | e_bg] after style + background)
+        mask = mi.sketch_mask
+    if e_bg is not None:
+        debug["clip_background"] = e_bg
+
     rows = {COND: (context, control), UNCOND_REF: (jnp.zeros_like(context), control),
             UNCOND_SKETCH: (context, uc_control)}
 
@@ -136,5 +223,6 @@ def prepare_conditions(comps: Components, params, inputs: Inputs, strengths: Str
         mask=None if mask is None else jnp.repeat(mask, n, axis=0),
         hs_bg=None if hs_bg is None else tuple(jnp.repeat(h, n, axis=0) for h in hs_bg),
         style=None if style_vecs is None else tuple(jnp.repeat(s, n, axis=0) for s in style_vecs),
+        use_lora=modes.lora,
     )
     return conds, debug

@@ -161,6 +161,34 @@ def resize_float(x: np.ndarray, size: tuple[int, int], resample=Image.BICUBIC) -
     return np.stack(chans, axis=-1).astype(np.float32)
 
 
+def _apply_matrices(x: np.ndarray, mh: np.ndarray, mw: np.ndarray) -> np.ndarray:
+    """(B, h, w, C) -> (B, H, W, C) with separable 1-D matrices, accumulated in float64 (torch:
+    float32, so results agree to float32 rounding), returned float32."""
+    y = np.einsum("pw,bhwc->bhpc", mw.astype(np.float64), np.asarray(x, np.float64))
+    return np.einsum("oh,bhpc->bopc", mh.astype(np.float64), y).astype(np.float32)
+
+
+def squash_to(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Host twin of `cdv2.modules.resize.resize_bicubic` (torch bicubic, A = -0.75, align_corners
+    False, no antialias; the authors' `warp_resize`) for (B, h, w, C) arrays: same weight matrices,
+    applied in numpy so a new input size compiles nothing."""
+    from cdv2.modules.resize import bicubic_matrix
+
+    h, w = x.shape[1:3]
+    if (h, w) == tuple(size):
+        return np.asarray(x, np.float32)  # torch's bicubic at scale 1 is the identity
+    return _apply_matrices(x, bicubic_matrix(h, size[0]), bicubic_matrix(w, size[1]))
+
+
+def squash_for_clip(x: np.ndarray, image_size: int = 224) -> np.ndarray:
+    """Host twin of CLIP's squash (`cdv2.modules.clip.preprocess_for_clip` before normalisation):
+    torch bicubic with antialias, align_corners=True, to image_size^2, for (B, h, w, C) arrays."""
+    from cdv2.modules.resize import _bicubic_aa_matrix  # the torch-float32-exact weights
+
+    h, w = x.shape[1:3]
+    return _apply_matrices(x, _bicubic_aa_matrix(h, image_size, True), _bicubic_aa_matrix(w, image_size, True))
+
+
 # --- sketch ----------------------------------------------------------------------------------------
 
 def _luma(rgb: np.ndarray) -> np.ndarray:
@@ -324,7 +352,8 @@ def crop_to_box(x, box: Box):
 
 
 __all__ = [
-    "Box", "ImageInput", "MIN_SKETCH_SIDE", "open_image", "load_image", "resize_float", "detect_sketch_polarity",
+    "Box", "ImageInput", "MIN_SKETCH_SIDE", "open_image", "load_image", "resize_float", "squash_to", "squash_for_clip",
+    "detect_sketch_polarity",
     "fit_and_pad", "prepare_sketch", "empty_sketch", "choose_generation_size", "prepare_reference",
     "prepare_background", "to_uint8", "to_pil", "crop_to_box",
 ]
