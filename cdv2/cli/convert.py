@@ -4,6 +4,11 @@ files without torch.
 
     cdv2 convert --checkpoint v2-full.safetensors --clip open_clip_pytorch_model.bin --out weights/v2
     cdv2 convert --checkpoint single_file_with_clip.safetensors --config tiny_v2 --out weights/tiny
+
+The app's mask and line networks (see cdv2/weights/preprocessors_dir.py) go to their own directory:
+
+    cdv2 convert --preprocessor isnet-sketch sketch-segment.safetensors --out weights/preprocessors
+    cdv2 convert --preprocessors-from colorizeDiffusion/preprocessor/weights --out weights/preprocessors
 """
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True, metavar="FILE",
+    ap.add_argument("--checkpoint", metavar="FILE",
                     help="the authors' checkpoint (.safetensors, .ckpt, .pth, .pt or .bin)")
     ap.add_argument("--clip", metavar="FILE",
                     help="open_clip ViT-H-14 image-tower weights (open_clip_pytorch_model.bin or "
@@ -51,7 +56,32 @@ def build_parser() -> argparse.ArgumentParser:
                          f"{' '.join(KNOWN_EXTRA_PREFIXES)})")
     ap.add_argument("--strict", action="store_true", help="fail on every unknown key")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ap.add_argument("--preprocessor", nargs=2, action="append", metavar=("NAME", "FILE"),
+                    help="convert one of the app's preprocessor networks (repeatable): NAME in isnet, "
+                         "isnet-sketch, rmbg-v2, lineart_keras, lineart, lineart_denoise, lineart_sk")
+    ap.add_argument("--preprocessors-from", metavar="FOLDER",
+                    help="convert every known network file in the app's preprocessor/weights FOLDER")
     return ap
+
+
+def _convert_preprocessors(args) -> int:
+    """--preprocessor / --preprocessors-from: one line per network, one line per error."""
+    from cdv2.weights import preprocessors_dir as ppd
+    from cdv2.weights.dtypes import resolve_dtype
+
+    dtype = None if args.dtype == "source" else resolve_dtype(args.dtype)
+    try:
+        jobs = [(ppd.spec(n).name, Path(f)) for n, f in args.preprocessor or []]
+        if args.preprocessors_from:
+            found = ppd.find_app_weights(args.preprocessors_from, required=True)
+            jobs += [j for j in found.items() if j[0] not in dict(jobs)]
+        for name, file in jobs:
+            sub = ppd.convert_preprocessor(name, file, args.out, dtype=dtype, overwrite=args.overwrite)
+            print(f"{name}: {file} -> {sub} ({ppd.read_num_params(sub):,} params)")
+    except (OSError, ValueError, TypeError) as e:  # bad input: say what, on one line, no traceback
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        return 1
+    return 0
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
@@ -100,7 +130,14 @@ def _convert(args):
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.preprocessor or args.preprocessors_from:
+        if args.checkpoint or args.clip:
+            ap.error("--preprocessor/--preprocessors-from convert to their own --out; run --checkpoint separately")
+        return _convert_preprocessors(args)
+    if not args.checkpoint:
+        ap.error("--checkpoint is required (or --preprocessor NAME FILE / --preprocessors-from FOLDER)")
     t0 = time.perf_counter()
     try:
         _check_out(Path(args.out), args.overwrite)

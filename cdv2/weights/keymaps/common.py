@@ -92,7 +92,7 @@ def state_to_variables(state: Mapping[str, np.ndarray], expected: Mapping, *, dt
     the file lacks, keys the file has that the network does not use, and mis-shaped arrays."""
     want = {(c,) + p: tuple(v.shape) for c in ("params", "batch_stats")
             for p, v in traverse_util.flatten_dict(dict(expected.get(c, {}))).items()}
-    flat, unexpected, misshaped = {}, [], []
+    flat, unexpected, misshaped, seen = {}, [], [], set()
     for key, arr in state.items():
         arr = np.asarray(arr)
         entry = torch_entry_to_flax(key, arr.shape)
@@ -100,13 +100,14 @@ def state_to_variables(state: Mapping[str, np.ndarray], expected: Mapping, *, dt
             continue
         coll, path, fshape, transform = entry
         full = (coll,) + path
+        seen.add(full)
         if full not in want:
             unexpected.append(key)
         elif want[full] != fshape:
             misshaped.append(f"{key}: file {tuple(arr.shape)}, network wants (flax) {want[full]}")
         else:
             flat[full] = transform(arr).astype(dtype)
-    missing = [next(iter(flax_entry_to_torch(k[0], k[1:], want[k], native))) for k in want if k not in flat]
+    missing = [next(iter(flax_entry_to_torch(k[0], k[1:], want[k], native))) for k in want if k not in seen]
     if missing or unexpected or misshaped:
         lines = ([f"missing ({len(missing)}): " + ", ".join(sorted(missing)[:50])] if missing else []) + \
                 ([f"unexpected ({len(unexpected)}): " + ", ".join(sorted(unexpected)[:50])] if unexpected else []) + \
