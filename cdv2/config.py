@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import types
+import typing
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -80,6 +82,21 @@ class CLIPVisionConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class CLIPTextConfig:
+    """OpenCLIP text tower (ViT-H/14's at full size), used only by text manipulation.
+    `clip_skip`: how many final resblocks are skipped (the authors' FrozenOpenCLIPEmbedder: 1)."""
+
+    context_length: int = 77
+    vocab_size: int = 49408
+    width: int = 1024
+    heads: int = 16
+    layers: int = 24
+    mlp_ratio: float = 4.0
+    output_dim: int = 1024
+    clip_skip: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
 class ScheduleConfig:
     linear_start: float = 0.00085
     linear_end: float = 0.012
@@ -96,6 +113,7 @@ class ModelConfig:
     sketch_encoder: SketchEncoderConfig = SketchEncoderConfig()
     vae: VAEConfig = VAEConfig()
     clip: CLIPVisionConfig = CLIPVisionConfig()
+    clip_text: CLIPTextConfig = CLIPTextConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     size_embed_dim: int = 256      # per ratio; y = [emb(rh) | emb(rw)] is 2x this wide
     image_size: int = 768          # the resolution the model was trained at (pixels)
@@ -104,65 +122,122 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
 
-_SECTIONS = {
-    "unet": UNetConfig,
-    "bg_encoder": UNetConfig,
-    "style_encoder": UNetConfig,
-    "sketch_encoder": SketchEncoderConfig,
-    "vae": VAEConfig,
-    "clip": CLIPVisionConfig,
-    "schedule": ScheduleConfig,
-}
+# --- the one loader (model and training configs): typed dataclasses + YAML + dotted overrides ----
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _build(cls, data: Mapping[str, Any], where: str):
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """`value` (parsed YAML / a --set value) checked against the field type `tp` and converted to
+    it (lists -> tuples, mappings -> dataclasses, ints -> floats). Raises ValueError naming the key."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin is typing.Union or origin is types.UnionType:
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arm in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arm, where)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0] if len(errors) == 1 else
+                         f"{where}: {value!r} fits none of {' | '.join(_type_name(a) for a in args)}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if isinstance(value, Mapping):
+            return from_dict(tp, value, where)
+        if isinstance(value, (list, tuple)):  # positional form, e.g. a sharding rule [pattern, spec]
+            names = [f.name for f in dataclasses.fields(tp)]
+            if len(value) > len(names):
+                raise ValueError(f"{where}: {tp.__name__} takes at most {len(names)} values, got {value!r}")
+            return from_dict(tp, dict(zip(names, value)), where)
+        raise ValueError(f"{where}: expected a mapping ({tp.__name__}), got {value!r}")
+    if tp is tuple or origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected a list, got {value!r} ({type(value).__name__})")
+        if not args:   # bare tuple: nested lists become tuples
+            return tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ValueError(f"{where}: expected {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "1e-5" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise TypeError(f"{where}: unsupported config field type {tp!r}")
+    raise ValueError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def from_dict(cls, data: Mapping[str, Any], where: str = ""):
+    """A config dataclass from plain data, every value type-checked; unknown keys are errors. A
+    nested section given in the data starts from ITS class defaults."""
+    what = where or cls.__name__
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{what}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - fields)
     if unknown:
-        raise ValueError(f"config section '{where}': unknown keys {unknown}; known: {sorted(fields)}")
-    kwargs = {}
-    for k, v in data.items():
-        kwargs[k] = tuple(v) if isinstance(v, list) else v
+        raise ValueError(f"{what}: unknown keys {unknown}; known: {sorted(fields)}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
     return cls(**kwargs)
 
 
+def apply_overrides(data: dict, overrides: Mapping[str, Any] | None) -> dict:
+    """Set dotted keys ("optim.lr") in nested plain data (in place); values are checked when the
+    dataclass is built (`from_dict`)."""
+    for dotted, value in (overrides or {}).items():
+        keys = dotted.split(".")
+        node = data
+        for k in keys[:-1]:
+            child = node.setdefault(k, {})
+            if not isinstance(child, dict):
+                raise ValueError(f"--set {dotted}: '{k}' is not a section")
+            node = child
+        node[keys[-1]] = value
+    return data
+
+
+def load_config(cls, name_or_path: str | os.PathLike, directory: Path,
+                overrides: Mapping[str, Any] | None = None, what: str = "config"):
+    """`directory/<name>.yaml` (or a .yaml/.json path) + dotted `overrides` -> a `cls` instance."""
+    p = Path(name_or_path)
+    if not p.suffix:
+        p = directory / f"{name_or_path}.yaml"
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} not found: {p}")
+    text = p.read_text()
+    data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{p}: expected a mapping at top level")
+    return from_dict(cls, apply_overrides(data, overrides))
+
+
 def model_config_from_dict(data: Mapping[str, Any]) -> ModelConfig:
-    data = dict(data)
-    kwargs = {}
-    for key, cls in _SECTIONS.items():
-        if key in data:
-            section = data.pop(key)
-            if not isinstance(section, Mapping):
-                raise ValueError(f"config section '{key}' must be a mapping, got {type(section).__name__}")
-            kwargs[key] = _build(cls, section, key)
-    top = {f.name for f in dataclasses.fields(ModelConfig)} - set(_SECTIONS)
-    unknown = sorted(set(data) - top)
-    if unknown:
-        raise ValueError(f"model config: unknown keys {unknown}")
-    kwargs.update(data)
-    return ModelConfig(**kwargs)
-
-
-def _apply_override(data: dict, dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = data
-    for k in keys[:-1]:
-        node = node.setdefault(k, {})
-    node[keys[-1]] = value
+    return from_dict(ModelConfig, data)
 
 
 def load_model_config(name_or_path: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> ModelConfig:
     """Load `configs/<name>.yaml` (or a path to a .yaml/.json file); `overrides` maps
     dotted keys (`"unet.model_channels"`) to values."""
-    p = Path(name_or_path)
-    if not p.suffix:
-        p = CONFIG_DIR / f"{name_or_path}.yaml"
-    if not p.is_file():
-        raise FileNotFoundError(f"model config not found: {p}")
-    text = p.read_text()
-    data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
-    if not isinstance(data, dict):
-        raise ValueError(f"{p}: expected a mapping at top level")
-    for k, v in (overrides or {}).items():
-        _apply_override(data, k, v)
-    return model_config_from_dict(data)
+    return load_config(ModelConfig, name_or_path, CONFIG_DIR, overrides, "model config")

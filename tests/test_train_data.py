@@ -86,14 +86,15 @@ def test_folder_layout_and_missing_file(tmp_path):
     for kind in KINDS:
         assert sorted(p.name for p in (tmp_path / kind).glob("*.png")) == sorted(names)
     (tmp_path / "mask" / names[3]).unlink()
-    it = make_train_iterator(tmp_path, seed=0, num_epochs=1, **KW)
-    batches = take(it, 2)                              # 8 of 9 readable -> exactly 2 batches
+    it = make_train_iterator(tmp_path, seed=0, num_epochs=1, shuffle=False, **KW)
+    batches = take(it, 2)                              # 9 positions -> 2 full batches, none lost
     with pytest.raises(StopIteration):
         next(it)
     assert it.num_skipped == 1 and it.skipped[0][0] == names[3]
     assert "FileNotFoundError" in it.skipped[0][1]
-    seen = set(np.concatenate([b["name"] for b in batches]))
-    assert seen == set(names) - {names[3]}
+    seen = [n for b in batches for n in b["name"]]
+    # the failed record's place is taken by the next readable one: positions never shift
+    assert seen == names[:3] + [names[4]] + names[4:8]
 
 
 def test_unreadable_dataset_raises_instead_of_looping(tmp_path):
@@ -150,28 +151,47 @@ def test_restore_with_worker_processes(root):
     del full, head, tail
 
 
-def test_corrupt_and_missing_members_are_skipped_and_counted(root, tmp_path):
+def test_corrupt_and_missing_members_are_replaced_and_counted(root, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(root, bad)
     corrupt, missing = "0000/000002.png", "0001/000015.png"
     rewrite_zip(bad / "color" / "0000.zip", corrupt, truncate=True)
     rewrite_zip(bad / "mask" / "0001.zip", missing, drop=True)
     assert "error" in QuartetSource(bad)[2]
+    good = take(make_train_iterator(root, seed=0, num_epochs=1, **KW), 6)
     it = make_train_iterator(bad, seed=0, num_epochs=1, **KW)
-    batches = []
-    for b in it:                                        # 22 readable -> 5 full batches
-        batches.append(b)
-    assert len(batches) == 5 and all(b["image"].shape[0] == BATCH for b in batches)
+    batches = list(it)                                  # 24 positions -> 6 full batches, as before
+    assert len(batches) == 6 and all(b["image"].shape[0] == BATCH for b in batches)
     assert it.num_skipped == 2
     reasons = dict(it.skipped)
     assert set(reasons) == {corrupt, missing}
     assert "KeyError" in reasons[missing]
     seen = {n for b in batches for n in b["name"]}
     assert not seen & {corrupt, missing}
+    # same buckets as the intact dataset, batch for batch; only the two replaced samples differ
+    assert [b["image"].shape for b in batches] == [b["image"].shape for b in good]
+    differ = sum(x != y for b, g in zip(batches, good) for x, y in zip(b["name"], g["name"]))
+    assert differ == 2
     # the skip log is part of the checkpoint state
     it2 = make_train_iterator(bad, seed=0, num_epochs=1, **KW)
     take(it2, 5)
     assert restore_iterator(it2.get_state()).num_skipped == it2.num_skipped
+
+
+def test_batch_shapes_agree_across_hosts_whatever_fails_where(root, tmp_path):
+    """Multi-host training assembles one global batch from every host's part, so the k-th batch
+    must have the same (H, W) on every host: buckets depend on (seed, batch position) only, and a
+    failed record (here: only in host 0's shard) is replaced, never filtered out."""
+    bad = tmp_path / "bad"
+    shutil.copytree(root, bad)
+    rewrite_zip(bad / "color" / "0000.zip", "0000/000001.png", truncate=True)   # in shard 0 of 2
+    shapes = []
+    for shard in range(2):
+        it = make_train_iterator(bad, seed=5, shard_index=shard, shard_count=2, **KW)
+        shapes.append([b["image"].shape for b in take(it, 8)])
+        it.close()
+    assert shapes[0] == shapes[1]
+    assert len(set(shapes[0])) > 1                      # the buckets do vary from step to step
 
 
 def rewrite_zip(path, member, truncate=False, drop=False):

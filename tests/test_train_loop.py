@@ -24,11 +24,12 @@ def _cache(compilation_cache):
 
 def tiny_cfg(**over):
     return load_train_config("stage1", {"model": "tiny", "batch_size": 2, "compute_dtype": "float32",
-                                        "optim.lr": 1e-4, "checkpoint_every": 2, "log_every": 1, **over})
+                                        "optim.lr": 1e-4, "checkpoint_every": 2, "log_every": 1,
+                                        "data.resolution": 64, "data.workers": 0, **over})
 
 
 def run(dataset, workdir, steps, params):
-    return train(tiny_cfg(), RunOptions(data_root=str(dataset), workdir=str(workdir), resolution=64,
+    return train(tiny_cfg(), RunOptions(data_root=str(dataset), workdir=str(workdir),
                                         max_steps=steps, progress=False, compiler_options=FAST_COMPILE), params=params)
 
 
@@ -52,17 +53,61 @@ def test_cli_entry_point_trains_from_weights_and_reports_bad_config(dataset, tmp
     from cdv2.weights.weights_dir import save_weights_dir
 
     weights = save_weights_dir(tmp_path / "init", tiny_params, tiny_config)  # fine-tuning start point
-    assert main(["--config", "stage1", "--data", str(dataset), "--workdir", str(tmp_path / "w"), "--resolution",
-                 "64", "--max-steps", "1", "--set", "model=tiny", "--set", "batch_size=2",
-                 "--set", "compute_dtype=float32", "--set", f"init_from={weights}"]) == 0
+    assert main(["--config", "stage1", "--data", str(dataset), "--workdir", str(tmp_path / "w"),
+                 "--max-steps", "1", "--set", "model=tiny", "--set", "batch_size=2", "--set", "data.resolution=64",
+                 "--set", "data.workers=0", "--set", "compute_dtype=float32", "--set", f"init_from={weights}"]) == 0
     assert "trained steps 1..1" in capsys.readouterr().out
+    # the run directory keeps the configs it was started with
+    import yaml
+
+    saved = yaml.safe_load((tmp_path / "w" / "config" / "train.yaml").read_text())
+    assert saved["model"] == "tiny" and saved["data"]["resolution"] == 64 and saved["init_from"] == str(weights)
+    assert yaml.safe_load((tmp_path / "w" / "config" / "model.yaml").read_text()) == _plain(tiny_config.to_dict())
     assert main(["--data", str(dataset), "--workdir", str(tmp_path / "x"), "--set", "stage=4"]) == 1
     assert "stage" in capsys.readouterr().err
 
 
+def _plain(x):
+    return {k: _plain(v) for k, v in x.items()} if isinstance(x, dict) else \
+        [_plain(v) for v in x] if isinstance(x, (list, tuple)) else x
+
+
+@pytest.mark.parametrize("bad,message", [
+    (["--set", "optim.lr=abc"], "optim.lr: expected float, got 'abc'"),
+    (["--set", "data.resolution=big"], "data.resolution: expected int"),
+    (["--set", "optim.nope=1"], "unknown keys ['nope']"),
+    (["--set", "batch_size=13"], "batch_size 13 needs 13 records per process, but"),
+    (["--data", "/nonexistent/data"], "no such folder"),
+    (["--workdir", "/proc/not_writable"], "is not writable"),
+])
+def test_cli_fails_fast_on_user_errors(dataset, tmp_path, capsys, monkeypatch, bad, message):
+    """Every user error is reported before any model is built or compiled (train() is never reached)."""
+    import cdv2.train.loop as loop
+
+    monkeypatch.setattr(loop, "train", lambda *a, **k: pytest.fail("train() reached"))
+    from cdv2.cli.train import main
+
+    args = {"--data": str(dataset), "--workdir": str(tmp_path / "w")}
+    argv = ["--set", "model=tiny"]
+    for flag in ("--data", "--workdir"):
+        argv += [flag, bad[1] if bad[0] == flag else args[flag]]
+    if bad[0] == "--set":
+        argv += bad
+    assert main(argv) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_empty_data_folder_is_reported(tmp_path, capsys):
+    from cdv2.cli.train import main
+
+    (tmp_path / "data" / "sketch").mkdir(parents=True)
+    assert main(["--data", str(tmp_path / "data"), "--workdir", str(tmp_path / "w")]) == 1
+    assert "no training images" in capsys.readouterr().err
+
+
 def test_sample_grids_every_m_steps(dataset, tmp_path, tiny_params):
     cfg = tiny_cfg(sample_every=2)
-    train(cfg, RunOptions(data_root=str(dataset), workdir=str(tmp_path), resolution=64, max_steps=4,
+    train(cfg, RunOptions(data_root=str(dataset), workdir=str(tmp_path), max_steps=4,
                           progress=False, compiler_options=FAST_COMPILE), params=tiny_params)
     grids = sorted(p.name for p in (tmp_path / "samples").glob("*.png"))
     assert grids == ["step_0000002.png", "step_0000004.png"]

@@ -1,5 +1,5 @@
-"""Typed training configuration and its loader (`configs/train/*.yaml` plus dotted overrides),
-the training counterpart of `cdv2/config.py`.
+"""Typed training configuration (`configs/train/*.yaml` plus dotted overrides), loaded by the one
+config loader of `cdv2/config.py`.
 
 Authors' values (ARCHITECTURE §6, paper §5.1, original: train.py/options.py and
 configs/training/sd2.1/v2.yaml) are the defaults; what the authors' code does not pin down is marked
@@ -9,17 +9,13 @@ in the YAML files. `batch_size` is the GLOBAL batch of one `train_step` call (al
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
-import yaml
-
-from cdv2.config import CONFIG_DIR, _apply_override
+from cdv2.config import CONFIG_DIR, from_dict, load_config
+from cdv2.modules.unet import REMAT_POLICIES
 
 TRAIN_CONFIG_DIR = CONFIG_DIR / "train"
-REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything_saveable")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 # One sharding rule: (regex searched in the "/"-joined param path, spec). A spec is a list with one
@@ -42,14 +38,33 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    data: int = -1      # -1: every device not used by fsdp
+    """Device mesh ("data", "fsdp"). On a multi-slice / multi-host cluster the `dcn_*` factors give
+    the part of each axis that crosses the slower data-centre network (between TPU slices, or between
+    hosts on GPUs): the mesh is then ICI (data x fsdp within a slice) x DCN (dcn_data x dcn_fsdp)."""
+
+    data: int = -1      # -1: every device not used by fsdp (per slice when dcn_* > 1)
     fsdp: int = 1
+    dcn_data: int = 1   # data-parallel replicas across slices/hosts (usual choice)
+    dcn_fsdp: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """The input pipeline (cdv2.train.data): crop buckets scaled from the authors' 768 list."""
+
+    resolution: int = 768             # training resolution (collate buckets)
+    multiple: int = 64                # bucket sides are multiples of this (64 keeps latents /8 divisible)
+    workers: Optional[int] = None     # grain worker processes; None = the CPU count, 0 = in-process
 
 
 @dataclasses.dataclass(frozen=True)
 class ShardingRule:
     pattern: str
     spec: SpecLike = "auto"
+
+    def __post_init__(self):
+        if isinstance(self.spec, str) and self.spec not in ("auto", "replicated"):
+            raise ValueError(f"sharding spec string must be 'auto' or 'replicated', got {self.spec!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +73,7 @@ class TrainConfig:
     stage: int = 1                    # paper stage 1 | 2 | 3 (authors' training_stage 0 | 1 | 2)
     batch_size: int = 256             # global, per train_step call
     optim: OptimConfig = OptimConfig()
+    data: DataConfig = DataConfig()
     # objective (ARCHITECTURE §6.2)
     ucg_rate: float = 0.5             # whole-reference drop probability
     ucg_rate_noisy: float = 0.8       # stage 1 only: drop rate during the first `noisy_steps` updates
@@ -95,6 +111,10 @@ class TrainConfig:
             raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
         if self.optim.grad_accum_steps < 1:
             raise ValueError("optim.grad_accum_steps must be >= 1")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.data.workers is not None and self.data.workers < 0:
+            raise ValueError(f"data.workers must be >= 0 (or null: the CPU count), got {self.data.workers}")
         if not 0.0 <= self.thresh_min <= self.thresh_max <= 1.0:
             raise ValueError("need 0 <= thresh_min <= thresh_max <= 1")
 
@@ -102,63 +122,12 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def _spec(value) -> SpecLike:
-    if isinstance(value, str):
-        if value not in ("auto", "replicated"):
-            raise ValueError(f"sharding spec string must be 'auto' or 'replicated', got {value!r}")
-        return value
-    return tuple(tuple(v) if isinstance(v, list) else v for v in value)
-
-
-def _rules(data) -> tuple[ShardingRule, ...]:
-    rules = []
-    for item in data:
-        if isinstance(item, Mapping):
-            rules.append(ShardingRule(item["pattern"], _spec(item.get("spec", "auto"))))
-        else:
-            pattern, spec = item
-            rules.append(ShardingRule(pattern, _spec(spec)))
-    return tuple(rules)
-
-
-def _section(cls, data: Mapping[str, Any], where: str):
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - fields)
-    if unknown:
-        raise ValueError(f"train config section '{where}': unknown keys {unknown}; known: {sorted(fields)}")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
-
-
 def train_config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
-    data = dict(data)
-    kwargs: dict[str, Any] = {}
-    if "optim" in data:
-        kwargs["optim"] = _section(OptimConfig, data.pop("optim"), "optim")
-    if "mesh" in data:
-        kwargs["mesh"] = _section(MeshConfig, data.pop("mesh"), "mesh")
-    if "sharding_rules" in data:
-        kwargs["sharding_rules"] = _rules(data.pop("sharding_rules"))
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"train config: unknown keys {unknown}")
-    kwargs.update(data)
-    return TrainConfig(**kwargs)
+    return from_dict(TrainConfig, data)
 
 
 def load_train_config(name_or_path: str | os.PathLike,
                       overrides: Mapping[str, Any] | None = None) -> TrainConfig:
     """Load `configs/train/<name>.yaml` (or a .yaml/.json path); `overrides` maps dotted keys
-    (`"optim.lr"`, `"mesh.fsdp"`) to values."""
-    p = Path(name_or_path)
-    if not p.suffix:
-        p = TRAIN_CONFIG_DIR / f"{name_or_path}.yaml"
-    if not p.is_file():
-        raise FileNotFoundError(f"train config not found: {p}")
-    text = p.read_text()
-    data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
-    if not isinstance(data, dict):
-        raise ValueError(f"{p}: expected a mapping at top level")
-    for k, v in (overrides or {}).items():
-        _apply_override(data, k, v)
-    return train_config_from_dict(data)
+    (`"optim.lr"`, `"mesh.fsdp"`) to values, each checked against the field's type."""
+    return load_config(TrainConfig, name_or_path, TRAIN_CONFIG_DIR, overrides, "train config")

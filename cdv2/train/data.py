@@ -1,6 +1,6 @@
 """The training input pipeline (grain): a random-access source over the authors' QuartLoader
 layout, shuffled/repeated/sharded with grain's MapDataset, decoded in reader threads, failed
-records dropped and counted, and collated per batch (`collate.py`).
+records replaced (and counted), and collated per batch (`collate.py`).
 
 Layouts (spec §6.5, NOTES 18):
 * zip: ``root/{color,sketch,mask}/NNNN.zip``, members ``NNNN/<name>.png`` listed from the sketch
@@ -12,14 +12,20 @@ Pipeline (one host; ``shard_index``/``shard_count`` = ``jax.process_index()/proc
     source[start:end]          contiguous shard (grain ShardOptions, drop_remainder: equal shards)
     .seed(seed).shuffle()      reshuffled each epoch
     .repeat(num_epochs)        None = forever
+    _ReplaceFailed             a record that fails to load is replaced by the next readable one
+                               of the stream (logged with the sample), so positions never shift
     .map_with_index(tag)       each element learns its stream position -> (epoch, index)
     .to_iter_dataset(...)      decoding in `read_threads` reader threads
-    .filter(keep_loaded)       records that failed to load are dropped and logged
-    .batch(B, collate)         bucket + crops; numpy Generators from (seed, shard, epoch, index)
+    .batch(B, collate)         bucket from (seed, stream position of the batch); crops from
+                               (seed, shard, epoch, index)
     .mp_prefetch(...)          when worker_count > 0
 
-Randomness is a pure function of (seed, shard, stream position), so two iterators built alike give
-identical batches, and grain's iterator state (plus the skip log) restores a run mid-stream.
+Every host has the same shard length and batch size, and no record is ever filtered out, so the
+k-th batch of every host starts at the same stream position: the aspect bucket, a function of
+(seed, position) only, is the same on all hosts, as `jax.make_array_from_process_local_data`
+needs. Randomness is a pure function of (seed, shard, stream position), so two iterators built
+alike give identical batches, and grain's iterator state (plus the skip log) restores a run
+mid-stream.
 With worker_count > 0 the batches are still deterministic but differ from worker_count = 0 (grain
 slices the stream across workers before filtering/batching), so a state only restores into a
 pipeline with the same worker_count.
@@ -167,55 +173,54 @@ class _TagPosition(grain.transforms.MapWithIndex):
         return {**element, "pos": index}
 
 
-class _SkipLog:
-    """Names dropped since the last batch; travels inside the pipeline (and its worker copies)."""
+class _ReplaceFailed(grain.MapDataset):
+    """Element i is the record at i, or, when that fails to load, the first readable one of
+    i+1, i+2, ... (the stream wraps at its end); the failures ride along in the element under
+    "_skipped". Raises once a whole shard's worth of consecutive records failed, instead of
+    searching an unreadable dataset forever. Nothing is dropped, so the stream positions (and with
+    them the batch buckets) stay the same on every host whatever fails where."""
 
-    def __init__(self):
-        self.entries: list[tuple[str, str]] = []
+    def __init__(self, parent: grain.MapDataset, shard_len: int):
+        super().__init__(parent)
+        self.shard_len = shard_len
 
-    def drain(self) -> list[tuple[str, str]]:
-        out, self.entries = self.entries, []
-        return out
+    def __len__(self) -> int:
+        return len(self._parent)
 
+    def __str__(self) -> str:
+        return "ReplaceFailed"
 
-class _KeepLoaded(grain.transforms.Filter):
-    """Drops records that failed to load (logging them); raises once a whole shard's worth of
-    consecutive records failed, instead of filtering an endless stream forever."""
-
-    def __init__(self, log: _SkipLog, shard_len: int):
-        self.log, self.shard_len, self.failed_in_a_row = log, shard_len, 0
-
-    def filter(self, element: dict) -> bool:
-        if "error" not in element:
-            self.failed_in_a_row = 0
-            return True
-        self.log.entries.append((element["name"], element["error"]))
-        self.failed_in_a_row += 1
-        if self.failed_in_a_row >= self.shard_len:
-            raise RuntimeError(f"no readable record in {self.shard_len} consecutive reads; "
-                               f"last: {element['name']}: {element['error']}")
-        return False
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        failed = []
+        for j in range(self.shard_len):
+            element = self._parent[(index + j) % len(self._parent)]
+            if "error" not in element:
+                return {**element, "_skipped": failed}
+            failed.append((element["name"], element["error"]))
+        raise RuntimeError(f"no readable record in {self.shard_len} consecutive reads; "
+                           f"last: {failed[-1][0]}: {failed[-1][1]}")
 
 
 class _Collate:
-    """grain batch_fn: the batch bucket from (seed, shard, first position), each sample's crops
-    from (seed, shard, epoch, index); attaches the skip log under "_skipped"."""
+    """grain batch_fn: the batch bucket from (seed, stream position of the first sample) -- the
+    same on every host, never the shard --, each sample's crops from (seed, shard, epoch, index);
+    gathers the samples' replacement logs under "_skipped"."""
 
     def __init__(self, cfg: CollateConfig, seed: int, shard_index: int, shard_len: int,
-                 log: _SkipLog, return_names: bool):
-        self.cfg, self.seed, self.shard_index, self.shard_len, self.log = (
-            cfg, seed, shard_index, shard_len, log)
+                 return_names: bool):
+        self.cfg, self.seed, self.shard_index, self.shard_len = cfg, seed, shard_index, shard_len
         self.return_names = return_names
 
     def __call__(self, samples: list[dict]) -> dict:
-        base = [self.seed, self.shard_index]
-        batch_rng = np.random.default_rng(base + [0, samples[0]["pos"]])
-        sample_rngs = [np.random.default_rng(base + [1, *divmod(s["pos"], self.shard_len)])
+        batch_rng = np.random.default_rng([self.seed, 0, samples[0]["pos"]])
+        sample_rngs = [np.random.default_rng([self.seed, self.shard_index, 1, *divmod(s["pos"], self.shard_len)])
                        for s in samples]
         batch = collate_batch(samples, batch_rng, sample_rngs, self.cfg)
         if self.return_names:
             batch["name"] = np.array([s["name"] for s in samples])
-        batch["_skipped"] = self.log.drain()
+        batch["_skipped"] = [e for s in samples for e in s["_skipped"]]
         return batch
 
 
@@ -294,17 +299,15 @@ def make_train_iterator(
     if end - start < batch_size:
         raise ValueError(f"shard {shard_index}/{shard_count} has {end - start} records "
                          f"< batch_size {batch_size}")
-    log = _SkipLog()
     ds = grain.MapDataset.source(source)[start:end].seed(seed)
     if shuffle:
         ds = ds.shuffle()
-    ds = ds.repeat(num_epochs).map_with_index(_TagPosition())
+    ds = _ReplaceFailed(ds.repeat(num_epochs), end - start).map_with_index(_TagPosition())
     n_read = prefetch if prefetch is not None else 2 * batch_size
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=min(read_threads, n_read) or 1,
                                               prefetch_buffer_size=n_read))
-    ds = ds.filter(_KeepLoaded(log, end - start))
     ds = ds.batch(batch_size, drop_remainder=True,
-                  batch_fn=_Collate(cfg, seed, shard_index, end - start, log, return_names))
+                  batch_fn=_Collate(cfg, seed, shard_index, end - start, return_names))
     if worker_count > 0:
         _absl_flags_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))

@@ -1,80 +1,59 @@
-"""Device mesh ("data", "fsdp"), parameter / optimizer-state / batch shardings from config rules,
-and multi-process start-up. Sharding lives here, never in the modules.
-
-Multi-process: `maybe_initialize_distributed()` calls `jax.distributed.initialize()` when the
-environment describes a multi-process job, i.e. when any of these is set:
-  JAX_COORDINATOR_ADDRESS                  (explicit; JAX_NUM_PROCESSES / JAX_PROCESS_ID are passed on)
-  SLURM_JOB_ID with SLURM_NTASKS > 1       (srun; jax reads the rest of the SLURM_* variables)
-  OMPI_COMM_WORLD_SIZE > 1                 (mpirun, Open MPI)
-  TPU_WORKER_HOSTNAMES listing > 1 host    (multi-host Cloud TPU slice)
-and CDV2_NO_DISTRIBUTED is not "1". Otherwise it is a single process and nothing happens.
+"""Device mesh ("data", "fsdp"), parameter / optimizer-state / batch shardings from config rules.
+Sharding lives here, never in the modules. Multi-process start-up: `cdv2.train.distributed`.
 """
 from __future__ import annotations
 
 import math
-import os
 import re
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from cdv2.train.config import MeshConfig, ShardingRule
+from cdv2.train.distributed import _multi_process_env, maybe_initialize_distributed  # noqa: F401 (re-export)
 from cdv2.train.stages import path_str
+from cdv2.weights.tree import flatten
 
 AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")   # the batch dim is split over every device
 
 
-def _multi_process_env(env=os.environ) -> Optional[str]:
-    if env.get("CDV2_NO_DISTRIBUTED") == "1":
-        return None
-    if env.get("JAX_COORDINATOR_ADDRESS"):
-        return "JAX_COORDINATOR_ADDRESS"
-    if env.get("SLURM_JOB_ID") and int(env.get("SLURM_NTASKS", "1")) > 1:
-        return "SLURM"
-    if int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
-        return "Open MPI"
-    if len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1:
-        return "multi-host TPU"
-    return None
-
-
-def maybe_initialize_distributed() -> Optional[str]:
-    """Start jax's distributed runtime when the environment says this is a multi-process job
-    (see the module docstring). Returns the detected environment, or None (single process)."""
-    kind = _multi_process_env()
-    if kind is None:
-        return None
-    kwargs = {}
-    if kind == "JAX_COORDINATOR_ADDRESS":
-        kwargs["coordinator_address"] = os.environ["JAX_COORDINATOR_ADDRESS"]
-        if "JAX_NUM_PROCESSES" in os.environ:
-            kwargs["num_processes"] = int(os.environ["JAX_NUM_PROCESSES"])
-        if "JAX_PROCESS_ID" in os.environ:
-            kwargs["process_id"] = int(os.environ["JAX_PROCESS_ID"])
-    jax.distributed.initialize(**kwargs)
-    return kind
-
-
 def mesh_shape(cfg: MeshConfig, device_count: int) -> tuple[int, int]:
+    """(data, fsdp) of the whole mesh: ICI x DCN per axis."""
+    dcn = cfg.dcn_data * cfg.dcn_fsdp
+    if cfg.dcn_data < 1 or cfg.dcn_fsdp < 1 or device_count % dcn:
+        raise ValueError(f"mesh.dcn_data x mesh.dcn_fsdp = {dcn} must divide the device count {device_count}")
+    ici_count = device_count // dcn
     fsdp = cfg.fsdp
-    if fsdp < 1 or device_count % fsdp:
-        raise ValueError(f"mesh.fsdp={fsdp} must be >= 1 and divide the device count {device_count}")
-    data = device_count // fsdp if cfg.data == -1 else cfg.data
-    if data * fsdp != device_count:
+    if fsdp < 1 or ici_count % fsdp:
+        raise ValueError(f"mesh.fsdp={fsdp} must be >= 1 and divide the device count {ici_count}"
+                         f"{' per slice' if dcn > 1 else ''}")
+    data = ici_count // fsdp if cfg.data == -1 else cfg.data
+    if data * fsdp != ici_count:
         raise ValueError(f"mesh data x fsdp = {data} x {fsdp} = {data * fsdp} devices, but jax sees "
-                         f"{device_count} (jax.device_count()); set mesh.data=-1 to use all of them")
-    return data, fsdp
+                         f"{ici_count} (jax.device_count(){' / slices' if dcn > 1 else ''}); set mesh.data=-1 "
+                         f"to use all of them")
+    return data * cfg.dcn_data, fsdp * cfg.dcn_fsdp
 
 
 def make_mesh(cfg: MeshConfig, devices: Optional[Sequence] = None) -> Mesh:
-    """A ("data", "fsdp") mesh over `devices` (default: all of jax.devices())."""
+    """A ("data", "fsdp") mesh over `devices` (default: all of jax.devices()): `jax.make_mesh`
+    (device order chosen for the interconnect), or with `dcn_*` > 1 a hybrid mesh whose DCN factors
+    run across slices (TPU) or processes (elsewhere), so that only those collectives cross the
+    slow network."""
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(cfg, len(devices))
-    return Mesh(np.asarray(devices, dtype=object).reshape(shape), AXES)
+    auto = (AxisType.Auto,) * len(AXES)
+    if cfg.dcn_data * cfg.dcn_fsdp > 1:
+        ici = (shape[0] // cfg.dcn_data, shape[1] // cfg.dcn_fsdp)
+        grid = mesh_utils.create_hybrid_device_mesh(
+            ici, (cfg.dcn_data, cfg.dcn_fsdp), devices, process_is_granule=not hasattr(devices[0], "slice_index"))
+        return Mesh(grid, AXES, axis_types=auto)
+    return jax.make_mesh(shape, AXES, auto, devices=devices)
 
 
 def _axis_size(mesh: Mesh, entry) -> int:
@@ -133,10 +112,8 @@ def opt_state_specs(opt_state, params, p_specs):
     """Optimizer-state leaves shaped like a param (Adam moments, accumulators) take that param's
     spec, found by the longest suffix of dict keys of the state leaf's path that names a param;
     everything else (counts, scalars) is replicated."""
-    by_path = {}
-    jax.tree_util.tree_map_with_path(
-        lambda kp, x, s: by_path.__setitem__("/".join(_dict_path(kp)), (tuple(x.shape), s)), params, p_specs,
-        is_leaf=lambda x: isinstance(x, P))
+    specs = flatten(p_specs)
+    by_path = {k: (tuple(x.shape), specs[k]) for k, x in flatten(params).items()}
 
     def spec(kp, x):
         keys = _dict_path(kp)

@@ -1,5 +1,6 @@
 """The training objective: v-prediction MSE with offset noise (ARCHITECTURE §6.2) and the per-stage
-condition assembly, mirroring the inference-side `cdv2.sample.conditions` (§4.2-4.3).
+condition assembly, built with the
+shared conditioning builder `cdv2.conditioning` (also used by inference, §4.2-4.3).
 
 Randomness. Every per-sample draw (t, noise, offset noise, reference drop, VAE posterior noise)
 comes from that sample's own key, `fold_in(step_key, global sample index)`, so the draws do not
@@ -29,17 +30,15 @@ Choices where the authors' v2 trainer is missing (documented, INFERRED):
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import jax
 import jax.numpy as jnp
 from flax import struct
 
 from cdv2.model import Components
-from cdv2.modules.clip import preprocess_for_clip
-from cdv2.modules.encoders import size_embedding
-from cdv2.modules.resize import resize_bicubic
-from cdv2.modules.vae import AutoencoderKL
+# the one conditioning builder, shared with inference (cdv2.sample.conditions)
+from cdv2.conditioning import (background_features, clip_tokens, latent_sketch_mask, size_condition, sketch_hints,
+                               split_context, squash, style_vectors, vae_latent)
+from cdv2.conditioning import size_ratios as training_size_ratios  # noqa: F401  (the inference formula)
 from cdv2.diffusion.parameterization import get_v, q_sample
 from cdv2.diffusion.schedule import ldm_alphas_cumprod
 from cdv2.train.augment import AugmentConfig, augment_batch, merge_character_masks, sample_thresholds
@@ -93,36 +92,6 @@ def v_mse(model_out, v):
     return jnp.mean(jnp.square(model_out.astype(jnp.float32) - v.astype(jnp.float32)))
 
 
-# --- frozen encoders ------------------------------------------------------------------------------
-
-def clip_tokens(comps: Components, params, image):
-    """Frozen CLIP local tokens of an image in [-1, 1] (no gradient ever flows into CLIP)."""
-    tok = comps.clip.apply({"params": params["clip"]}, preprocess_for_clip(image, comps.clip.config.image_size))
-    return jax.lax.stop_gradient(tok.astype(jnp.float32))
-
-
-def vae_latent(comps: Components, params, image, keys: Optional[jax.Array]):
-    """Scaled diffusion latent of `image`: a posterior sample with per-sample noise (keys (B, 2)), or
-    the mean when keys is None."""
-    mean, logvar = comps.vae.apply({"params": params["vae"]}, image, method=AutoencoderKL.encode)
-    z = mean
-    if keys is not None:
-        z = mean + jnp.exp(0.5 * logvar) * _normal(keys, mean.shape[1:])
-    return jax.lax.stop_gradient(z * comps.vae.config.scale_factor)
-
-
-def training_size_ratios(size_hw, crop_hw):
-    """Vectorised `cdv2.modules.encoders.size_ratios`: (B, 2) original (h, w) -> (B, 2) ratios to
-    the crop (H, W), with the authors' bias for sources smaller than the crop."""
-    size_hw = jnp.asarray(size_hw, jnp.float32)
-    oh, ow = size_hw[:, 0], size_hw[:, 1]
-    h, w = crop_hw
-    small = (oh < h) | (ow < w)
-    ih = jnp.where(small, oh + max(h, w), oh)
-    iw = jnp.where(small, ow / oh * ih, ow)
-    return jnp.stack([ih / h, iw / w], axis=-1)
-
-
 # --- condition assembly -----------------------------------------------------------------------------
 
 def _augment(batch: dict, rngs: StepRngs, cfg: TrainConfig) -> dict:
@@ -154,10 +123,10 @@ def _check_cache(batch: dict, cfg: TrainConfig) -> None:
 
 
 def _remat(fn, policy: str):
-    """`jax.checkpoint` around a whole component apply (U-Net, sketch/bg/style encoder) with a named
-    policy. This recomputes the component in the backward pass instead of keeping its activations
-    alive across the others; per-block remat inside the U-Net needs a hook in cdv2.modules (nn.remat
-    around ResBlock / SpatialTransformer), which this file cannot add."""
+    """`jax.checkpoint` around a whole encoder apply (sketch/bg/style) with a named policy: its
+    activations are recomputed in the backward pass instead of kept across the U-Net's. The U-Net
+    itself is checkpointed per block (`cdv2.modules.unet.remat_block`, set in `build_components`):
+    around the whole U-Net it saves nothing, since its backward needs them all at once anyway."""
     if policy == "none":
         return fn
     policies = jax.checkpoint_policies
@@ -174,7 +143,7 @@ def unet_conditions(comps: Components, params, batch: dict, rngs: StepRngs, e, *
     sketch = batch["sketch"]
     hw = sketch.shape[1:3]
     sketch_enc = _remat(lambda p, s: comps.sketch_encoder.apply({"params": p}, s), cfg.remat)
-    control = sketch_enc(params["sketch_encoder"], sketch)
+    control = sketch_hints(comps, params, sketch, with_blank=False, apply=sketch_enc)
     keep = (jax.vmap(lambda k: jax.random.uniform(k, ()))(_keys(rngs, _DROP)) >= ucg_rate).astype(jnp.float32)
     keep = keep[:, None, None]
     kw = dict(control=control)
@@ -183,24 +152,22 @@ def unet_conditions(comps: Components, params, batch: dict, rngs: StepRngs, e, *
 
     y = None
     if cfg.stage == 3 or bg_path:
-        half = comps.bg_encoder.config.adm_in_channels // 2
-        y = size_embedding(training_size_ratios(batch["size"], hw), half)
+        y = size_condition(comps, training_size_ratios(jnp.asarray(batch["size"]), hw))
     if cfg.stage == 3:
-        z_ref = vae_latent(comps, params, resize_bicubic(batch["reference"], hw),
-                           _keys(rngs, _VAE_REF) if cfg.vae_sample else None)
+        z_ref = vae_latent(comps, params, squash(batch["reference"], hw),
+                           keys=_keys(rngs, _VAE_REF) if cfg.vae_sample else None)
         style_enc = _remat(lambda p, *a: comps.style_encoder.apply({"params": p}, *a), cfg.remat)
-        kw["style"] = style_enc(params["style_encoder"], z_ref, y, e)
+        kw["style"] = style_vectors(comps, params, z_ref, y, e, apply=style_enc)
     if not bg_path:
         return dict(kw, context=e * keep)
 
     r_bg = batch["reference_bg"]
-    z_bg = vae_latent(comps, params, resize_bicubic(r_bg, hw), _keys(rngs, _VAE_BG) if cfg.vae_sample else None)
+    z_bg = vae_latent(comps, params, squash(r_bg, hw), keys=_keys(rngs, _VAE_BG) if cfg.vae_sample else None)
     e_bg = clip_tokens(comps, params, r_bg)
     bg_enc = _remat(lambda p, *a: comps.bg_encoder.apply({"params": p}, *a), cfg.remat)
-    hs_bg = bg_enc(params["bg_encoder"], z_bg, y, e)
-    lat_hw = (hw[0] // 8, hw[1] // 8)
-    mask = resize_bicubic(batch["smask"].astype(jnp.float32), lat_hw)
-    context = jnp.concatenate([e, e_bg], axis=1) * keep
+    hs_bg = background_features(comps, params, z_bg, y, e, apply=bg_enc)
+    mask = latent_sketch_mask(batch["smask"], hw)
+    context = split_context(e, e_bg) * keep
     return dict(kw, context=context, mask=mask, threshold=batch["ts_s"], hs_bg=hs_bg, use_lora=True)
 
 
@@ -214,7 +181,7 @@ def training_loss(params, batch: dict, rngs: StepRngs, *, comps: Components, cfg
     if "latent" in batch:
         x0 = batch["latent"].astype(jnp.float32)
     else:
-        x0 = vae_latent(comps, params, batch["image"], _keys(rngs, _VAE_IMAGE) if cfg.vae_sample else None)
+        x0 = vae_latent(comps, params, batch["image"], keys=_keys(rngs, _VAE_IMAGE) if cfg.vae_sample else None)
     if "clip_tokens" in batch:
         e = jax.lax.stop_gradient(batch["clip_tokens"].astype(jnp.float32))
     else:
@@ -229,4 +196,4 @@ def training_loss(params, batch: dict, rngs: StepRngs, *, comps: Components, cfg
     def run_unet(p, x, tt, kwargs):
         return comps.unet.apply({"params": p}, x, tt, use_lora=use_lora, **kwargs)
 
-    return v_mse(_remat(run_unet, cfg.remat)(params["unet"], x_t, t, kw), v)
+    return v_mse(run_unet(params["unet"], x_t, t, kw), v)  # remat: per block inside the U-Net

@@ -17,9 +17,9 @@ from typing import Any, Callable
 
 import jax
 import optax
-from flax import traverse_util
 
 from cdv2.train.config import OptimConfig
+from cdv2.weights.tree import flatten, unflatten
 
 TRAINABLE, FROZEN = "trainable", "frozen"
 _LORA = re.compile(r"/lora_(down|up)_(fg|bg)/")
@@ -56,7 +56,7 @@ def stage_labels(stage: int) -> Callable[[Any], Any]:
 
 def split_trainable(params, stage: int) -> tuple[dict, dict]:
     """Flat {path: leaf} dicts (trainable, frozen); `merge_params` inverts."""
-    flat = traverse_util.flatten_dict(params, sep="/")
+    flat = flatten(params)
     train = {k: v for k, v in flat.items() if is_trainable(k, stage)}
     frozen = {k: v for k, v in flat.items() if k not in train}
     return train, frozen
@@ -66,7 +66,7 @@ def merge_params(*flat_dicts: dict) -> dict:
     merged = {}
     for d in flat_dicts:
         merged.update(d)
-    return traverse_util.unflatten_dict(merged, sep="/")
+    return unflatten(merged)
 
 
 def lr_schedule(cfg: OptimConfig) -> optax.Schedule:

@@ -9,6 +9,18 @@
 * Precision: params stay fp32 (master weights); with compute_dtype bfloat16 the components are
   built with dtype=bf16, so every layer casts its fp32 weights to bf16 at use (flax's promote_dtype;
   norms, softmax, the time embedding and the loss stay fp32 by the module conventions).
+* FSDP (fsdp axis > 1): only the fsdp-sharded leaves are gathered, and in the compute dtype: with
+  bf16 compute a sharded weight matrix/kernel (ndim >= 2) is cast to bf16 ON ITS SHARD, then
+  all-gathered (half the bytes, and no full fp32 copy of the tree on any device); its gradient is
+  reduce-scattered back in fp32. Small replicated leaves (biases, norms) are left as they are.
+  (Leaving the gather entirely to XLA's propagation lets the weight shardings leak into the
+  activations: "involuntary full rematerialization" and a slower, larger program.) With fsdp = 1
+  nothing is cast early, so the numerics equal the unsharded step.
+* Memory: `remat` is a per-block policy inside the U-Net (`cdv2.modules.unet.remat_block` on every
+  ResBlock, SpatialTransformer and warp block); the encoders are checkpointed whole.
+* Preemption: a batch may carry `STOP_KEY` (one flag per sample, from each process's SIGTERM
+  state); the step returns its maximum over the global batch as `metrics["stop"]`, so every process
+  reads the same decision (an all-reduce that rides on the step, no extra host synchronisation).
 * Randomness: see cdv2.train.objective. The run key `state.rng` never changes; each draw is
   `fold_in` of (optimizer step, sample index or micro-batch index).
 * Stage 3's background path: a per-(micro-)step coin selects one of two complete value-and-grad
@@ -18,6 +30,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 from typing import Any, Optional
 
@@ -36,6 +49,7 @@ from cdv2.train.objective import sample_rngs, training_loss
 from cdv2.train.stages import lr_schedule, merge_params, split_trainable
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+STOP_KEY = "_stop"
 
 
 @struct.dataclass
@@ -47,8 +61,10 @@ class TrainState:
 
 
 def build_components(cfg: TrainConfig, model_cfg: ModelConfig) -> Components:
-    """The model's modules in the configured compute dtype (params are fp32 regardless)."""
-    return build(model_cfg, dtype=DTYPES[cfg.compute_dtype], attention_impl=cfg.attention_impl)
+    """The model's modules in the configured compute dtype (params are fp32 regardless), the U-Net
+    with the configured per-block remat policy."""
+    comps = build(model_cfg, dtype=DTYPES[cfg.compute_dtype], attention_impl=cfg.attention_impl)
+    return dataclasses.replace(comps, unet=comps.unet.clone(remat=cfg.remat))
 
 
 def create_train_state(params, optimizer: optax.GradientTransformation, seed: int,
@@ -72,6 +88,25 @@ def _zeros_like_flat(flat: dict) -> dict:
     return {k: jnp.zeros(v.shape, v.dtype) for k, v in flat.items()}
 
 
+def _fsdp_gather(shardings: TrainShardings, compute_dtype):
+    """params -> params with every fsdp-sharded leaf cast (ndim >= 2, to `compute_dtype`) on its
+    shard and then constrained replicated (the all-gather); None when nothing is sharded."""
+    specs = shardings.state.params
+    is_sharded = lambda s: any(e is not None for e in s.spec)  # noqa: E731
+    if not any(is_sharded(s) for s in jax.tree.leaves(specs)):
+        return None
+    replicated = NamedSharding(shardings.mesh, P())
+
+    def one(p, s):
+        if not is_sharded(s):
+            return p
+        if p.ndim >= 2 and jnp.issubdtype(p.dtype, jnp.floating):
+            p = p.astype(compute_dtype)
+        return jax.lax.with_sharding_constraint(p, replicated)
+
+    return lambda params: jax.tree.map(one, params, specs)
+
+
 def make_train_step(cfg: TrainConfig, components: Components, optimizer: optax.GradientTransformation,
                     mesh_shardings: Optional[TrainShardings] = None, *, alphas_cumprod=None,
                     compiler_options: Optional[dict] = None):
@@ -80,15 +115,18 @@ def make_train_step(cfg: TrainConfig, components: Components, optimizer: optax.G
     optimizer step), bg_path (1 when the stage-2 background path ran). With grad_accum_steps k the
     optimizer updates on every k-th call (mean of the k micro-batch gradients); `batch` is one
     micro-batch of `batch_size` samples. `compiler_options` go to `jax.jit` (tests: fast compiles).
-    With `mesh_shardings`, params are all-gathered at use inside the step (their gradients are
-    reduce-scattered back to the fsdp layout); without, the step runs on the default device."""
+    With `mesh_shardings`, fsdp-sharded params are cast to the compute dtype on their shard and
+    all-gathered (gradients reduce-scattered back); without, the step runs on the default device.
+    A batch with `STOP_KEY` adds metrics["stop"] (its max: the collective preemption decision)."""
     k = cfg.optim.grad_accum_steps
     stage = cfg.stage
     schedule = lr_schedule(cfg.optim)
     alphas = ldm_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod
-    gathered = None if mesh_shardings is None else NamedSharding(mesh_shardings.mesh, P())
+    gather = None if mesh_shardings is None else _fsdp_gather(mesh_shardings, DTYPES[cfg.compute_dtype])
 
     def step_fn(state: TrainState, batch: dict):
+        batch = dict(batch)
+        stop = batch.pop(STOP_KEY, None)
         opt_step = state.step // k
         micro = state.step % k
         step_key = jax.random.fold_in(state.rng, opt_step)
@@ -103,8 +141,8 @@ def make_train_step(cfg: TrainConfig, components: Components, optimizer: optax.G
 
         def loss_of(tp, bg_path: bool):
             params = merge_params(tp, frozen_p)
-            if gathered is not None:  # FSDP: all-gather weights at use, reduce-scatter their grads
-                params = jax.lax.with_sharding_constraint(params, gathered)
+            if gather is not None:
+                params = gather(params)
             return training_loss(params, batch, rngs, comps=components, cfg=cfg, bg_path=bg_path,
                                  ucg_rate=ucg, alphas_cumprod=alphas)
 
@@ -124,6 +162,8 @@ def make_train_step(cfg: TrainConfig, components: Components, optimizer: optax.G
                                   step=state.step + 1)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(opt_step),
                    "bg_path": jnp.asarray(bg_path, jnp.float32)}
+        if stop is not None:
+            metrics["stop"] = jnp.max(stop.astype(jnp.float32))
         return new_state, metrics
 
     if mesh_shardings is None:
