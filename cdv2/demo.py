@@ -1,127 +1,248 @@
-"""`cdv2 demo`: the whole system end to end without any downloaded weights.
+"""`cdv2 demo` (and `cdv2 colorize` with no arguments): the system working, without downloads.
 
-1. writes a small synthetic dataset (shapes and colours) in the authors' zip layout;
-2. fits the tiny config's VAE to it (a demo-only step: there is no pretrained tiny VAE);
-3. trains stage 1 of the tiny model for a time budget on CPU (resumable: run it again to continue);
-4. colorizes held-out sketches after their references with the jitted sampler;
-5. writes `samples.png` (sketch | reference | output | ground truth rows) and `loss.png`.
-The model is tiny and trained for minutes: expect the sketch's shapes in roughly the right places,
-mostly grey; taking colours from the reference needs much longer training (run it again, or with a
-larger --train-seconds: it resumes where it stopped).
+The built-in model (`cdv2/demo_weights`, fp16; the tiny architecture of configs/demo.yaml trained
+with `python -m cdv2.train` on the synthetic shapes of `cdv2.train.synthetic`, recipe
+tools/train_demo_model.sh) colorizes held-out synthetic sketches after references that show the
+same parts and colours in another layout, and again after another sample's reference. The grid
+(`OUT/samples.png`) has one row per sketch:
+
+    sketch | reference | output | ground truth | other reference | output with the other reference
+
+so the colours visibly follow the reference. `OUT/colour_check.json` measures it: per part, the
+distance of the output's mean colour to the part's colour in the reference used vs in the other.
+Compiled programs are cached under ~/.cache/cdv2/xla ($CDV2_XLA_CACHE; 0 = off): a second run
+skips compilation. `cdv2 demo --train` trains a model from scratch instead (cdv2/demo_train.py).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import threading
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
-from flax import traverse_util
+
+DEMO_WEIGHTS = Path(__file__).resolve().parent / "demo_weights"
+DEMO_SIZE = 64
+COLUMNS = ("sketch", "reference", "output", "ground truth", "other reference", "output (other ref.)")
 
 
 def _log(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
+class heartbeat:
+    """Context manager: prints `msg... N s` every `every` seconds while a long silent step (XLA
+    compilation, weight loading) runs, so the demo is never quiet for long."""
+
+    def __init__(self, msg: str, every: float = 5.0):
+        self.msg, self.every = msg, every
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        _log(f"{self.msg}...")
+
+        def beat():
+            while not self._stop.wait(self.every):
+                _log(f"  {self.msg}... {time.perf_counter() - self.t0:.0f} s")
+
+        self._thread = threading.Thread(target=beat, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Silence it early (the step it announced is over, others report their own progress)."""
+        self._stop.set()
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.seconds = time.perf_counter() - self.t0
+        return False
+
+
+def enable_compilation_cache() -> str | None:
+    """Persistent XLA cache outside the working folder: $CDV2_XLA_CACHE or ~/.cache/cdv2/xla."""
+    import jax
+
+    where = os.environ.get("CDV2_XLA_CACHE", str(Path.home() / ".cache" / "cdv2" / "xla"))
+    if where == "0":
+        return None
+    if jax.config.jax_compilation_cache_dir:  # already set by the caller (tests, an application)
+        return jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", where)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    return where
+
+
 def demo_parser(prog: str = "cdv2 demo") -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=prog, description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="cdv2-demo", help="output folder (data, checkpoints, PNGs)")
-    ap.add_argument("--train-seconds", type=float, default=180.0, help="time budget of the U-Net training")
-    ap.add_argument("--vae-steps", type=int, default=200, help="VAE fitting steps (on 64-pixel crops)")
-    ap.add_argument("--images", type=int, default=96, help="synthetic training images")
-    ap.add_argument("--size", type=int, default=128, help="image side (pixels, multiple of 64)")
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--out", default="cdv2-demo", help="output folder (samples.png, colour_check.json)")
+    ap.add_argument("--weights", default=None, help="weights directory (default: the built-in demo model)")
+    ap.add_argument("--num", type=int, default=4, help="held-out sketches to colorize")
     ap.add_argument("--steps", type=int, default=20, help="sampling steps")
+    ap.add_argument("--reference-guidance", type=float, default=2.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--train", action="store_true",
+                    help="train a model from scratch here instead (see `cdv2 demo --train --help`)")
     return ap
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--train" in argv:
+        from cdv2.demo_train import main as train_main
+
+        argv.remove("--train")
+        return train_main(argv)
     args = demo_parser().parse_args(argv)
     try:
         run_demo(args)
-    except ValueError as e:
+    except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
 
 
 def run_demo(args):
-    """Build data, fit the VAE, train, colorize held-out sketches; -> the trained tiny Colorizer.
-    Everything lives under `args.out`; a second run reuses the data and VAE and resumes training."""
-    if args.size % 64:
-        raise ValueError(f"--size must be a multiple of 64, got {args.size}")
-    from cdv2.config import load_model_config
-    from cdv2.model import build, init_params
-    from cdv2.train.autoencoder import fit_vae, random_crops
-    from cdv2.train.config import load_train_config
-    from cdv2.train.data import make_train_iterator
-    from cdv2.train.feedback import image_grid, loss_curve
-    from cdv2.train.loop import RunOptions, train
-    from cdv2.train.synthetic import make_synthetic_dataset, make_triple
+    """The built-in demo (or, with args.train, training from scratch); -> its result dict."""
+    if getattr(args, "train", False):
+        from cdv2.demo_train import train_parser, run_train_demo
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    data, state_file = out / "data", out / "demo_state.json"
-    t_start = time.perf_counter()
-    if not (data / "sketch").is_dir():
-        make_synthetic_dataset(data, num_images=args.images, size=(args.size, args.size), seed=args.seed)
-        _log(f"wrote {args.images} synthetic (color, sketch, mask) triples to {data}")
-    model_cfg = load_model_config("tiny")
-    params = jax.tree_util.tree_map(np.asarray, init_params(model_cfg, jax.random.PRNGKey(args.seed)))
+        return run_train_demo(train_parser().parse_args(["--out", args.out, "--seed", str(args.seed)]))
+    return run_builtin_demo(args.out, weights=args.weights, num=args.num, steps=args.steps,
+                            reference_guidance=args.reference_guidance, seed=args.seed)
 
-    vae_file = out / "vae.npz"
-    if vae_file.is_file():  # a previous demo run fitted it already
-        saved = dict(np.load(vae_file))
-        params["vae"] = traverse_util.unflatten_dict(saved, sep="/")
-    else:
-        _log(f"fitting the tiny VAE ({args.vae_steps} steps)...")
-        it = make_train_iterator(data, batch_size=args.batch, seed=args.seed, resolution=args.size)
-        params["vae"] = fit_vae(build(model_cfg).vae, params["vae"], random_crops(it, 64, args.seed),
-                                args.vae_steps, lr=3e-3, seed=args.seed,
-                                on_step=lambda i, rec: (i % 50 == 0) and _log(f"  vae step {i}: recon {rec:.4f}"))
-        it.close()
-        params["vae"] = jax.tree_util.tree_map(np.asarray, params["vae"])
-        np.savez(vae_file, **traverse_util.flatten_dict(params["vae"], sep="/"))
 
-    cfg = load_train_config("stage1", {"model": "tiny", "batch_size": args.batch, "compute_dtype": "float32",
-                                       "optim.lr": 5e-4, "optim.warmup_steps": 20, "optim.grad_clip_norm": 1.0,
-                                       # minutes, not days: see the reference in 9 of 10 samples
-                                       "ucg_rate": 0.1, "inpaint_p": 0.0, "checkpoint_every": 100, "log_every": 10,
-                                       "seed": args.seed})
-    _log(f"training stage 1 of the tiny model for ~{args.train_seconds:.0f} s (CPU)...")
-    result = train(cfg, RunOptions(data_root=str(data), workdir=str(out / "run"), resolution=args.size,
-                                   time_budget_s=args.train_seconds), params=params)
-    history = json.loads(state_file.read_text()) if state_file.is_file() else {"steps": [], "losses": []}
-    history["steps"] += result.steps
-    history["losses"] += result.losses
-    state_file.write_text(json.dumps(history))
-    if history["steps"]:
-        loss_curve(history["steps"], history["losses"], out / "loss.png")
-        _log(f"trained to step {history['steps'][-1]} ({result.images_per_s:.1f} images/s); loss curve: {out / 'loss.png'}")
-
+def load_demo_colorizer(weights=None):
+    """The built-in model (fp16 on disk, fp32 in memory) as a Colorizer."""
     from cdv2.sample.colorizer import Colorizer
 
-    trained = jax.tree_util.tree_map(np.asarray, jax.device_get(result.state.params))
-    col = Colorizer(trained, model_cfg)
+    path = Path(weights) if weights else DEMO_WEIGHTS
+    if not (path / "params.safetensors").is_file():
+        raise FileNotFoundError(f"no demo weights at {path} (params.safetensors missing); "
+                                "tools/train_demo_model.sh trains them")
+    return Colorizer.from_pretrained(path)
+
+
+def colorize_pairs(col, pairs, references, *, steps=20, reference_guidance=2.0, seed=0, on_image=None):
+    """Colorize each pair's sketch after references[i] (PIL images) -> list of uint8 HxWx3."""
+    out = []
+    for i, (pair, ref) in enumerate(zip(pairs, references)):
+        img = col.colorize(pair.sketch, ref, mode="vanilla", steps=steps, size=pair.labels.shape,
+                           reference_guidance=reference_guidance, sketch_polarity="black_on_white", seed=seed + i)[0]
+        out.append(np.asarray(img.convert("RGB")))
+        if on_image is not None:
+            on_image(i)
+    return out
+
+
+def part_colour_errors(output: np.ndarray, labels: np.ndarray, colours, erode: int = 2) -> list[float]:
+    """Per part: distance (RGB, 0..1 per channel, Euclidean) between the output's mean colour inside
+    the part (eroded by `erode` px, away from the lines) and `colours[part]` (RGB uint8)."""
+    from PIL import Image, ImageFilter
+
+    errs = []
+    for k, colour in enumerate(colours):
+        region = Image.fromarray(np.where(labels == k + 1, 255, 0).astype(np.uint8))
+        if erode:
+            region = region.filter(ImageFilter.MinFilter(2 * erode + 1))
+        m = np.asarray(region) > 0
+        if m.sum() < 4:
+            continue
+        mean = output[m].astype(np.float64).mean(0) / 255.0
+        errs.append(float(np.linalg.norm(mean - np.asarray(colour, np.float64) / 255.0)))
+    return errs
+
+
+def colour_check(pairs, own_outputs, swapped_outputs, swapped_index) -> dict:
+    """How much the colours follow the reference. For output o of sketch i after reference r:
+    `own` = mean part-colour error against r's part colours, `other` = against the colours of the
+    reference it was not given. Transfer works when own < other for both the own and swapped runs."""
+    def err(out, i, j):  # output of sketch i's parts against scene j's part colours
+        n = min(len(pairs[i].scene.colors), len(pairs[j].scene.colors))
+        return float(np.mean(part_colour_errors(out, pairs[i].labels, pairs[j].scene.colors[:n])))
+
     rows = []
-    for i in range(4):
-        color, sketch, _ = make_triple(np.random.default_rng([args.seed + 1000, i]), args.size, args.size)
-        img = col.colorize(sketch, color, mode="vanilla", steps=args.steps, size=(args.size, args.size),
-                           reference_guidance=2.0, seed=i)[0]
-        rows.append([_to_unit(sketch), _to_unit(color), _to_unit(img), _to_unit(color)])
-    image_grid(rows, cell=args.size).save(out / "samples.png")
-    _log(f"held-out colorizations (sketch | reference | output | ground truth): {out / 'samples.png'}")
-    _log(f"done in {time.perf_counter() - t_start:.0f} s")
-    return col
+    for i, (o, s) in enumerate(zip(own_outputs, swapped_outputs)):
+        j = swapped_index[i]
+        rows.append({"own_ref_vs_own_colours": err(o, i, i), "own_ref_vs_other_colours": err(o, i, j),
+                     "other_ref_vs_other_colours": err(s, i, j), "other_ref_vs_own_colours": err(s, i, i)})
+    summary = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+    follows = [r["own_ref_vs_own_colours"] < r["own_ref_vs_other_colours"]
+               and r["other_ref_vs_other_colours"] < r["other_ref_vs_own_colours"] for r in rows]
+    return {"per_sample": rows, "mean": summary, "fraction_following_reference": float(np.mean(follows))}
 
 
-def _to_unit(img) -> np.ndarray:
-    return np.asarray(img.convert("RGB"), np.float32) / 127.5 - 1.0
+def _upscale(img: np.ndarray, factor: int) -> np.ndarray:
+    from PIL import Image
+
+    pil = Image.fromarray(np.asarray(img, np.uint8))
+    return np.asarray(pil.resize((pil.width * factor, pil.height * factor), Image.NEAREST))
+
+
+def demo_grid(rows, cell: int = 128):
+    """rows of uint8 images -> a PIL grid with a header naming the columns."""
+    from PIL import Image, ImageDraw
+
+    from cdv2.train.feedback import image_grid
+
+    scaled = [[_upscale(im, max(1, cell // im.shape[0])).astype(np.float32) / 127.5 - 1.0 for im in r] for r in rows]
+    body = image_grid(scaled, cell=cell)
+    header = 14
+    grid = Image.new("RGB", (body.width, body.height + header), (255, 255, 255))
+    grid.paste(body, (0, header))
+    draw = ImageDraw.Draw(grid)
+    for j, name in enumerate(COLUMNS[:len(rows[0])]):
+        draw.text((2 + j * (cell + 2) + 2, 1), name, fill=(0, 0, 0))
+    return grid
+
+
+def run_builtin_demo(out="cdv2-demo", *, weights=None, num: int = 4, steps: int = 20,
+                     reference_guidance: float = 2.0, seed: int = 0) -> dict:
+    """Colorize `num` held-out synthetic sketches with the built-in model; writes OUT/samples.png and
+    OUT/colour_check.json; -> {"grid", "check", "seconds", "compile_seconds"}."""
+    if num < 2:
+        raise ValueError(f"--num must be at least 2 (the swapped-reference column), got {num}")
+    t0 = time.perf_counter()
+    cache = enable_compilation_cache()
+    from cdv2.train.synthetic import held_out_pairs
+
+    with heartbeat("loading the built-in model (jax start-up, weights)"):
+        col = load_demo_colorizer(weights)
+    pairs = held_out_pairs(num, DEMO_SIZE, seed=seed)
+    swapped = [(i + 1) % num for i in range(num)]
+    with heartbeat("first colorization: compiling the sampler" + (f" (cached in {cache})" if cache else "")) as hb:
+        first = colorize_pairs(col, pairs[:1], [pairs[0].reference], steps=steps,
+                               reference_guidance=reference_guidance, seed=seed)
+    compile_s = hb.seconds
+    _log(f"colorizing {num} held-out sketches after their references, then after another sample's...")
+    own = first + colorize_pairs(col, pairs[1:], [p.reference for p in pairs[1:]], steps=steps,
+                                 reference_guidance=reference_guidance, seed=seed + 1)
+    other = colorize_pairs(col, pairs, [pairs[j].reference for j in swapped], steps=steps,
+                           reference_guidance=reference_guidance, seed=seed)
+    rows = [[np.asarray(p.sketch), np.asarray(p.reference), o, np.asarray(p.target),
+             np.asarray(pairs[j].reference), s] for p, o, s, j in zip(pairs, own, other, swapped)]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    demo_grid(rows).save(out / "samples.png")
+    check = colour_check(pairs, own, other, swapped)
+    (out / "colour_check.json").write_text(json.dumps(check, indent=1) + "\n")
+    m = check["mean"]
+    _log(f"grid ({' | '.join(COLUMNS)}): {out / 'samples.png'}")
+    _log(f"colour transfer: part-colour error {m['own_ref_vs_own_colours']:.3f} against the reference's colours "
+         f"vs {m['own_ref_vs_other_colours']:.3f} against another's; with the other reference "
+         f"{m['other_ref_vs_other_colours']:.3f} vs {m['other_ref_vs_own_colours']:.3f} "
+         f"({check['fraction_following_reference']:.0%} of sketches follow their reference)")
+    seconds = time.perf_counter() - t0
+    _log(f"done in {seconds:.0f} s")
+    return {"grid": out / "samples.png", "check": check, "seconds": seconds, "compile_seconds": compile_s,
+            "outputs": own, "swapped_outputs": other, "pairs": pairs}
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Thin command-line entry points: `cdv2 colorize | convert | export | demo | train | app`
+"""Thin command-line entry points: `cdv2 colorize | convert | export | demo | train | app | eval`
 (`python -m cdv2.train` is `cdv2 train`). Each subcommand lives in its own module here and only
 calls public APIs; heavy imports (jax) happen after argument parsing."""
 from __future__ import annotations
@@ -17,7 +17,8 @@ def main(argv=None) -> int:
                         ("export", "cdv2 weights directory -> authors' safetensors"),
                         ("demo", "no weights needed: train a tiny model on synthetic data, colorize with it"),
                         ("train", "train a stage (python -m cdv2.train)"),
-                        ("app", "the colorization UI in a browser (needs the `app` extra)")):
+                        ("app", "the colorization UI in a browser (needs the `app` extra)"),
+                        ("eval", "the paper's evaluation: PSNR, MS-SSIM, CLIP similarity, FID (python -m cdv2.eval)")):
         sub.add_parser(name, help=help_, add_help=False)
     args, rest = ap.parse_known_args(argv)
     if args.command == "convert":
@@ -32,6 +33,10 @@ def main(argv=None) -> int:
         from cdv2.demo import main as demo_main
 
         return demo_main(rest)
+    if args.command == "eval":
+        from cdv2.cli.eval import main as eval_main
+
+        return eval_main(rest)
     if args.command == "app":
         from cdv2.cli.app import main as app_main
 
