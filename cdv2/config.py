@@ -188,6 +188,15 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise ValueError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
 
 
+def plain_data(x):
+    """Mappings -> dicts and tuples -> lists, recursively: what yaml.safe_dump / json can write."""
+    if isinstance(x, Mapping):
+        return {k: plain_data(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [plain_data(v) for v in x]
+    return x
+
+
 def from_dict(cls, data: Mapping[str, Any], where: str = ""):
     """A config dataclass from plain data, every value type-checked; unknown keys are errors. A
     nested section given in the data starts from ITS class defaults."""

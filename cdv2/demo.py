@@ -10,20 +10,21 @@ same parts and colours in another layout, and again after another sample's refer
 
 so the colours visibly follow the reference. `OUT/colour_check.json` measures it: per part, the
 distance of the output's mean colour to the part's colour in the reference used vs in the other.
-Compiled programs are cached under ~/.cache/cdv2/xla ($CDV2_XLA_CACHE; 0 = off): a second run
+Compiled programs are cached under ~/.cache/cdv2/xla ($CDV2_COMPILATION_CACHE=0 turns it off): a second run
 skips compilation. `cdv2 demo --train` trains a model from scratch instead (cdv2/demo_train.py).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
+
+from cdv2.sample.compile_cache import enable as enable_compilation_cache  # noqa: F401 (re-exported)
 
 DEMO_WEIGHTS = Path(__file__).resolve().parent / "demo_weights"
 DEMO_SIZE = 64
@@ -63,20 +64,6 @@ class heartbeat:
         self._thread.join()
         self.seconds = time.perf_counter() - self.t0
         return False
-
-
-def enable_compilation_cache() -> str | None:
-    """Persistent XLA cache outside the working folder: $CDV2_XLA_CACHE or ~/.cache/cdv2/xla."""
-    import jax
-
-    where = os.environ.get("CDV2_XLA_CACHE", str(Path.home() / ".cache" / "cdv2" / "xla"))
-    if where == "0":
-        return None
-    if jax.config.jax_compilation_cache_dir:  # already set by the caller (tests, an application)
-        return jax.config.jax_compilation_cache_dir
-    jax.config.update("jax_compilation_cache_dir", where)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    return where
 
 
 def demo_parser(prog: str = "cdv2 demo") -> argparse.ArgumentParser:

@@ -5,6 +5,7 @@ a visible reason when `../shared/oracle` (or $CDV2_ORACLE) is absent, and fail i
 $CDV2_REQUIRE_ORACLE=1 (set by `.ci/run`, so CI can never pass by skipping them)."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -14,6 +15,16 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 ORACLE = Path(os.environ.get("CDV2_ORACLE", REPO.parent / "shared" / "oracle"))
 DATA = REPO / "tests" / "data"  # small reference files shipped with the repo (key lists)
+
+
+def read_key_list(path) -> dict:
+    """A `key (shape) dtype` listing (tests/data/*_keys.txt) -> {key: (shape, dtype)}."""
+    out = {}
+    for line in Path(path).read_text().splitlines():
+        key, rest = line.split(" ", 1)
+        shape, dtype = rest.rsplit(" ", 1)
+        out[key] = (tuple(json.loads(shape.replace("(", "[").replace(")", "]").replace(",]", "]"))), dtype)
+    return out
 
 
 def rel_err(out, ref) -> float:

@@ -13,7 +13,7 @@ import pytest
 jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
 
-from conftest import DATA, nchw_to_nhwc, nhwc_to_nchw, rel_err  # noqa: E402
+from conftest import DATA, nchw_to_nhwc, nhwc_to_nchw, read_key_list, rel_err  # noqa: E402
 from cdv2.config import CONFIG_DIR  # noqa: E402
 from cdv2.modules.preprocess_nets.birefnet import BiRefNetConfig, image_to_patches  # noqa: E402
 from cdv2.modules.preprocess_nets.swin import SwinConfig, SwinTransformer  # noqa: E402
@@ -24,15 +24,6 @@ from cdv2.weights.keymaps.common import WeightKeysError  # noqa: E402
 TOL = 1e-4
 FIXTURE_CONFIG = BiRefNetConfig(swin=SwinConfig(48, (2, 2, 2, 2), (3, 6, 12, 24), 12),
                                 dec_inter=16, aspp_inter=64, ipt_inter=16, gdt_channels=16)
-
-
-def read_key_list(path) -> dict:
-    out = {}
-    for line in path.read_text().splitlines():
-        key, rest = line.split(" ", 1)
-        shape, dtype = rest.rsplit(" ", 1)
-        out[key] = (tuple(json.loads(shape.replace("(", "[").replace(")", "]").replace(",]", "]"))), dtype)
-    return out
 
 
 @pytest.fixture(scope="module")

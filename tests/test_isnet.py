@@ -12,7 +12,7 @@ import pytest
 jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
 
-from conftest import DATA, nchw_to_nhwc, nhwc_to_nchw, rel_err  # noqa: E402
+from conftest import DATA, nchw_to_nhwc, nhwc_to_nchw, read_key_list, rel_err  # noqa: E402
 from cdv2.config import CONFIG_DIR  # noqa: E402
 from cdv2.modules.preprocess_nets.isnet import ISNetConfig  # noqa: E402
 from cdv2.sample import mask_nets  # noqa: E402
@@ -20,15 +20,6 @@ from cdv2.weights.keymaps import isnet as keymap  # noqa: E402
 from cdv2.weights.keymaps.common import WeightKeysError  # noqa: E402
 
 TOL = 1e-4
-
-
-def read_key_list(path) -> dict:
-    out = {}
-    for line in path.read_text().splitlines():
-        key, rest = line.split(" ", 1)
-        shape, dtype = rest.rsplit(" ", 1)
-        out[key] = (tuple(json.loads(shape.replace("(", "[").replace(")", "]").replace(",]", "]"))), dtype)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -38,6 +38,8 @@ def enable(path: Optional[str | os.PathLike] = None, *, min_compile_time_s: floa
         return None
     import jax
 
+    if path is None and jax.config.jax_compilation_cache_dir:  # already chosen by the caller (e.g. tests)
+        return Path(jax.config.jax_compilation_cache_dir)
     folder = Path(path or os.environ.get(ENV_DIR) or default_dir()).expanduser()
     try:
         folder.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
-from cdv2.config import ModelConfig, load_model_config
+from cdv2.config import ModelConfig, load_model_config, plain_data
 from cdv2.model import init_params, param_shapes
 from cdv2.train.checkpoint import Checkpointer
 from cdv2.train.config import TrainConfig
@@ -100,13 +100,6 @@ def initial_params(cfg: TrainConfig, model_cfg: ModelConfig, seed: int):
     return jax.tree_util.tree_map(np.asarray, init_params(model_cfg, jax.random.PRNGKey(seed)))
 
 
-def _plain(x):
-    if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    return x
-
 
 def write_run_configs(workdir: Path, cfg: TrainConfig, model_cfg: ModelConfig) -> None:
     """WORKDIR/config/{train,model}.yaml: the configs the run was started with (kept on resume)."""
@@ -115,7 +108,7 @@ def write_run_configs(workdir: Path, cfg: TrainConfig, model_cfg: ModelConfig) -
     for name, c in (("train", cfg), ("model", model_cfg)):
         path = out / f"{name}.yaml"
         if not path.exists():
-            path.write_text(yaml.safe_dump(_plain(c.to_dict()), sort_keys=False))
+            path.write_text(yaml.safe_dump(plain_data(c.to_dict()), sort_keys=False))
 
 
 def _start_state(cfg, model_cfg, optimizer, mesh, ckpt, it, params):

@@ -30,6 +30,7 @@ from .keymaps.common import WeightKeysError, torch_key_shapes
 from .mismatch import raise_if_mismatched
 from .readers import SafetensorsReader, load_state_dict, write_safetensors
 from .tree import flatten, unflatten
+from cdv2.config import plain_data
 
 PARAMS_FILE = "params.safetensors"
 CONFIG_FILE = "config.yaml"
@@ -86,13 +87,6 @@ def spec(name: str) -> NetSpec:
 
 
 # --- configs -----------------------------------------------------------------------------------------
-def _plain(x):
-    if isinstance(x, Mapping):
-        return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    return x
-
 
 def _tuples(x):
     if isinstance(x, Mapping):
@@ -101,7 +95,7 @@ def _tuples(x):
 
 
 def config_to_dict(s: NetSpec, config) -> dict:
-    return _plain(dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config))
+    return plain_data(dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config))
 
 
 def config_from_dict(s: NetSpec, d: Mapping):

@@ -24,6 +24,7 @@ from .dtypes import cast_floating, resolve_dtype
 from .mismatch import CheckpointMismatchError, raise_if_mismatched  # noqa: F401 (re-exported)
 from .readers import SafetensorsReader, write_safetensors
 from .tree import flatten, leaf_shape, unflatten
+from cdv2.config import plain_data
 
 PARAMS_FILE = "params.safetensors"
 CONFIG_FILE = "config.yaml"
@@ -31,14 +32,6 @@ MANIFEST_FILE = "manifest.json"
 FORMAT = "cdv2-weights"
 FORMAT_VERSION = 1
 
-
-def _plain(x):
-    """Tuples -> lists, so yaml.safe_dump can write ModelConfig.to_dict()."""
-    if isinstance(x, Mapping):
-        return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    return x
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -66,7 +59,7 @@ def save_weights_dir(path, params: Mapping, config: ModelConfig, source_dtypes=N
     entries = [(p, getattr(v, "dtype", None) or np.asarray(v).dtype, np.shape(v),
                 (lambda v=v: np.asarray(v))) for p, v in flat.items()]
     write_safetensors(path / PARAMS_FILE, entries, metadata={"format": FORMAT}, progress=progress)
-    _write_text(path / CONFIG_FILE, yaml.safe_dump(_plain(config.to_dict()), sort_keys=False))
+    _write_text(path / CONFIG_FILE, yaml.safe_dump(plain_data(config.to_dict()), sort_keys=False))
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
