@@ -3,6 +3,8 @@ shape, diffusers' `UNet2DConditionModel` in the SD2.1 layout.
 
     python -m benchmarks.torch_compare                          # model_channels 64, 32x32 latent, batch 2
     python -m benchmarks.torch_compare --channels 128 --latent 48 --repeats 7
+    python -m benchmarks.torch_compare --grid --grid-channels 64 128 320 --grid-latents 32 48 64 96 \
+        --repeats 3 --rounds 1 --append-md      # the grid table (vanilla vs torch; full: jax only)
 
 Both sides: fp32, all cores (torch.set_num_threads(os.cpu_count()); XLA's CPU thread pool uses
 all cores by default), warm. Timing (default `--isolate`): each side runs in its own child
@@ -85,6 +87,106 @@ def torch_flops(model, x, t, ctx) -> int:
     return int(counter.get_total_flops())
 
 
+def full_mode_times(args) -> list:
+    """Warm step times (s) of cdv2's full mode (v2 at this width: split attention over 2x tokens,
+    fg/bg LoRA, warp modules, style modulation), one process."""
+    from benchmarks.flops import FULL
+
+    cfg = load_model_config("v2", {"unet.model_channels": args.channels, "unet.context_dim": args.context_dim})
+    from cdv2.model import resolve_attention
+
+    unet = UNet(cfg.unet, resolve_attention(args.jax_attention, jnp.float32))
+    params = common.unet_params(cfg)
+    call_args, static = common.unet_args(cfg.unet, (args.latent, args.latent), args.batch, 2 * args.tokens, FULL)
+    compiled = jax.jit(lambda p, *a: common.call_unet(unet, p, *a, **static)).lower(params, *call_args).compile()
+    jax.block_until_ready(compiled(params, *call_args))
+    times = []
+    for _ in range(args.repeats):
+        s = time.perf_counter()
+        jax.block_until_ready(compiled(params, *call_args))
+        times.append(time.perf_counter() - s)
+    return times
+
+
+def side_times(args) -> list:
+    """Warm step times (s) of one side (args.child), built alone in this process: neither the other
+    framework's model (3.5 GB each at mc 320) nor its thread pool is around while timing."""
+    b, L, n = args.batch, args.latent, args.tokens
+    cfg = plain_sd_config(args.channels, args.context_dim)
+    if args.child == "torch":
+        import torch
+
+        torch.set_num_threads(args.threads)
+        torch.manual_seed(0)
+        model = diffusers_unet(cfg.unet, L)
+        x, t = torch.randn(b, cfg.unet.in_channels, L, L), torch.full((b,), 500.0)
+        c = torch.randn(b, n, cfg.unet.context_dim)
+
+        def fn():
+            with torch.inference_mode():
+                return model(x, t, encoder_hidden_states=c).sample
+    else:
+        from cdv2.model import resolve_attention
+
+        unet = UNet(cfg.unet, resolve_attention(args.jax_attention, jnp.float32))
+        params = common.unet_params(cfg)
+        x = jax.random.normal(jax.random.PRNGKey(0), (b, L, L, cfg.unet.in_channels))
+        t, c = jnp.full((b,), 500.0), jax.random.normal(jax.random.PRNGKey(1), (b, n, cfg.unet.context_dim))
+        compiled = jax.jit(lambda p, x, t, c: unet.apply({"params": p}, x, t, c)).lower(params, x, t, c).compile()
+
+        def fn():
+            return jax.block_until_ready(compiled(params, x, t, c))
+    fn()
+    times = []
+    for _ in range(args.repeats):
+        s = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - s)
+    return times
+
+
+def run_grid(args) -> list:
+    """One comparison per (model_channels, latent) cell, each in its own child processes; a table."""
+    import tempfile
+
+    common_argv = ["--batch", str(args.batch), "--tokens", str(args.tokens), "--repeats", str(args.repeats),
+                   "--rounds", str(args.rounds), "--jax-attention", args.jax_attention,
+                   "--context-dim", str(args.context_dim), "--threads", str(args.threads)]
+    rows = []
+    for ch in args.grid_channels:
+        for lat in args.grid_latents:
+            cell = ["--channels", str(ch), "--latent", str(lat), *common_argv]
+            with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
+                subprocess.run([sys.executable, "-m", "benchmarks.torch_compare", *cell, "--json", tmp.name],
+                               check=True, capture_output=True, text=True)
+                r = json.loads(open(tmp.name).read())
+            tv, jv = (1e3 * r["results"][k]["median_s"] for k in ("torch", "jax"))
+            full = None
+            if args.full:
+                ft = []
+                for _ in range(args.rounds):
+                    ft += _child_times("jax-full", cell)
+                full = 1e3 * common.summarize(ft)["median_s"]
+            row = [ch, lat, tv, jv, tv / jv, full, None if full is None else full / jv, os.getloadavg()[0]]
+            print("grid cell:", row, flush=True)
+            rows.append(row)
+    cols = ["mc", "latent", "torch vanilla ms", "cdv2 vanilla ms", "torch/jax", "cdv2 full ms", "full/vanilla",
+            "load avg"]
+    print(" | ".join(cols))
+    for row in rows:
+        print(" | ".join(common._fmt(v) for v in row))
+    if args.json:
+        common.write_json(args.json, {"benchmark": "torch_compare_grid", "command": common.command_line(),
+                                      "device": common.device_info(), "columns": cols, "rows": rows, "note": args.note})
+    if args.append_md:
+        notes = (f"plain SD2.1 U-Net (vanilla) vs diffusers, batch {args.batch}, {args.tokens} tokens, fp32, "
+                 f"medians of {args.rounds} alternating child processes x {args.repeats} warm runs per side; full = "
+                 f"cdv2's v2 U-Net with split attention (2x tokens), LoRA, warp and style (no torch counterpart); "
+                 f"jax attention {args.jax_attention}. {args.note}").strip()
+        common.append_markdown("torch (diffusers) vs JAX U-Net grid, CPU", cols, rows, notes)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--channels", type=int, default=64, help="model_channels (heads: 64-channel, as SD2.1)")
@@ -100,11 +202,26 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3, help="child processes per side (with --isolate)")
     ap.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
                     help="time each side in its own child processes (default) instead of interleaving in this one")
-    ap.add_argument("--child", choices=("torch", "jax"), help=argparse.SUPPRESS)
+    ap.add_argument("--grid", action="store_true", help="run every --grid-channels x --grid-latents cell "
+                    "(each a full comparison in its own processes) and write one table")
+    ap.add_argument("--grid-channels", type=int, nargs="+", default=[64, 128, 320])
+    ap.add_argument("--grid-latents", type=int, nargs="+", default=[32, 48, 64, 96])
+    ap.add_argument("--full", action=argparse.BooleanOptionalAction, default=True,
+                    help="with --grid: also time cdv2's full mode (split attention + LoRA + warp + style; "
+                         "diffusers cannot express it, so jax only)")
+    ap.add_argument("--child", choices=("torch", "jax", "jax-full"), help=argparse.SUPPRESS)
     ap.add_argument("--json", default=None)
     ap.add_argument("--append-md", action="store_true")
     ap.add_argument("--note", default="")
     args = ap.parse_args(argv)
+    if args.grid:
+        return run_grid(args)
+    if args.child == "jax-full":
+        print(json.dumps(full_mode_times(args)))
+        return
+    if args.child:  # a timing child builds only its own side (the parent checked both)
+        print(json.dumps(side_times(args)))
+        return
 
     import torch
 
@@ -148,17 +265,6 @@ def main(argv=None):
 
     f_ours = unet_flops(cfg, (L, L), b, n, VANILLA)["total"]
     f_torch = torch_flops(tmodel, x_t, t_t, c_t)
-    if args.child:  # a timing child: warm up, time, report, exit
-        fn = run_torch if args.child == "torch" else run_jax
-        time.sleep(1.0)  # the checks above ran both sides: let the other's pool threads stop spinning
-        fn()
-        times = []
-        for _ in range(args.repeats):
-            s = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - s)
-        print(json.dumps(times))
-        return
     times = {"torch": [], "jax": []}
     if args.isolate:
         del tmodel, params, compiled

@@ -77,17 +77,74 @@ class Downsample(nn.Module):
         return conv(ch, 3, "op", self.dtype, self.param_dtype, stride=2)(x)
 
 
+def subpixel_upsample_default() -> bool:
+    """Whether `Upsample` runs as 4 sub-pixel 2x2 convs: on CPU (2.25x fewer conv FLOPs there,
+    where they are the cost); elsewhere the plain repeat + 3x3 conv stays (GPU/TPU unchanged)."""
+    return jax.default_backend() == "cpu"
+
+
+# nearest-x2 then a 3x3 tap at offset u (-1, 0, 1) reads low-res offset floor((a + u) / 2) for
+# output phase a: phase 0 sums taps {0} at -1 and {1, 2} at 0; phase 1 taps {0, 1} at 0, {2} at +1
+_PHASE_TAPS = {0: (((0,), (1, 2)), (1, 0)), 1: (((0, 1), (2,)), (0, 1))}
+
+
+def subpixel_upsample_conv(x, kernel, bias):
+    """conv3x3(pad 1)(nearest_x2(x)) as one 2x2 conv per output phase on the low-res input, then
+    interleaved: mathematically identical (the taps that read the same low-res pixel are summed
+    first, in the kernel's dtype, so fp32 rounding differs at the 1e-7 level), 2.25x fewer FLOPs
+    and no 4x upsampled copy. x (B, H, W, Cin), kernel (3, 3, Cin, Cout) HWIO, bias (Cout,)."""
+    def fold(k, taps, axis):  # the 3 taps along `axis` -> the 2 low-res taps of one phase
+        return jnp.stack([sum(jnp.take(k, t, axis=axis) for t in group) for group in taps], axis=axis)
+
+    rows = []
+    for a in (0, 1):
+        row_taps, row_pad = _PHASE_TAPS[a]
+        ka = fold(kernel, row_taps, 0)
+        cols = []
+        for b in (0, 1):
+            col_taps, col_pad = _PHASE_TAPS[b]
+            k = fold(ka, col_taps, 1).astype(x.dtype)
+            cols.append(jax.lax.conv_general_dilated(x, k, (1, 1), (row_pad, col_pad),
+                                                     dimension_numbers=("NHWC", "HWIO", "NHWC")))
+        rows.append(jnp.stack(cols, axis=3))  # (B, H, W, 2, C)
+    y = jnp.stack(rows, axis=2)  # (B, H, 2, W, 2, C)
+    b_, h, _, w, _, c = y.shape
+    return y.reshape(b_, 2 * h, 2 * w, c) + bias
+
+
+class _ConvParams(nn.Module):
+    """kernel + bias exactly as `nn.Conv` declares them (same names, shapes, initialisers)."""
+
+    features: int
+    kernel_size: tuple[int, int]
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, in_features: int):
+        kernel = self.param("kernel", nn.linear.default_kernel_init, (*self.kernel_size, in_features, self.features),
+                            self.param_dtype)
+        return kernel, self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+
+
 class Upsample(nn.Module):
-    """Nearest x2 then conv 3x3 (padding 1), named `conv`. channels None = keep the width."""
+    """Nearest x2 then conv 3x3 (padding 1), named `conv`. channels None = keep the width.
+    `subpixel` (None: `subpixel_upsample_default()`, i.e. on CPU) computes the same thing as
+    `subpixel_upsample_conv`."""
 
     channels: Optional[int] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    subpixel: Optional[bool] = None
 
     @nn.compact
     def __call__(self, x):
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # nearest x2
-        return conv(self.channels or x.shape[-1], 3, "conv", self.dtype, self.param_dtype)(x)
+        ch = self.channels or x.shape[-1]
+        subpixel = subpixel_upsample_default() if self.subpixel is None else self.subpixel
+        if not subpixel:
+            x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # nearest x2
+            return conv(ch, 3, "conv", self.dtype, self.param_dtype)(x)
+        kernel, bias = _ConvParams(ch, (3, 3), self.param_dtype, name="conv")(x.shape[-1])
+        return subpixel_upsample_conv(x.astype(self.dtype), kernel, bias.astype(self.dtype))
 
 
 def time_embed(t, model_channels: int, param_dtype: Dtype) -> jnp.ndarray:
