@@ -1,9 +1,10 @@
 """`cdv2 app` in a real browser: Playwright drives Debian's Chromium against the app served on
-127.0.0.1 with the tiny oracle model. The result shown must equal `Colorizer.colorize` for the same
+127.0.0.1 with the built-in demo model (shipped in the package, so no fixtures are needed). The result shown must equal `Colorizer.colorize` for the same
 settings and seed; bad uploads show an error and the app keeps serving; two sessions both finish.
 Also saves docs/app.png (the screenshot in the README)."""
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import shutil
@@ -20,7 +21,7 @@ gr = pytest.importorskip("gradio", reason="the app extra (gradio) is not install
 playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-SIZE = 128
+SIZE = 64  # the built-in model's training size
 STEPS = 3
 
 
@@ -33,10 +34,11 @@ def _free_port() -> int:
 def _images(folder: Path):
     sketch = Image.new("RGB", (SIZE, SIZE), "white")
     d = ImageDraw.Draw(sketch)
-    d.ellipse((20, 20, 100, 100), outline="black", width=3)
-    d.rectangle((40, 60, 90, 110), outline="black", width=3)
-    ref = Image.new("RGB", (96, 80), (30, 60, 200))
-    ImageDraw.Draw(ref).ellipse((10, 10, 70, 70), fill=(220, 40, 40))
+    d.ellipse((8, 8, 40, 40), outline="black", width=2)
+    d.rectangle((28, 26, 56, 56), outline="black", width=2)
+    ref = Image.new("RGB", (96, 80), (225, 235, 215))
+    ImageDraw.Draw(ref).ellipse((10, 10, 50, 50), fill=(30, 160, 60))
+    ImageDraw.Draw(ref).rectangle((45, 35, 85, 75), fill=(150, 40, 160))
     paths = {"sketch": folder / "sketch.png", "reference": folder / "reference.png"}
     sketch.save(paths["sketch"])
     ref.save(paths["reference"])
@@ -46,12 +48,12 @@ def _images(folder: Path):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_params, tiny_config, tmp_path_factory):
+def server(tmp_path_factory):
     from cdv2.app.serve import SAMPLERS, SCHEDULES, Server
     from cdv2.app.ui import App
-    from cdv2.sample.colorizer import Colorizer
+    from cdv2.demo import load_demo_colorizer
 
-    col = Colorizer(tiny_params, tiny_config)
+    col = load_demo_colorizer()
     app = App(col, samplers=SAMPLERS, schedules=SCHEDULES, size_range=(64, 1536), default_size=SIZE,
               output_dir=str(tmp_path_factory.mktemp("app_out")))
     srv = Server(app)
@@ -111,12 +113,14 @@ def test_result_in_browser_equals_api(server, browser, tmp_path):
     page.locator("#cdv2-status").get_by_text("seed 7").wait_for(timeout=30_000)
     page.screenshot(path=str(REPO / "docs" / "app.png"), full_page=True)
 
-    expected = srv.app.colorizer.colorize(
-        Image.open(inputs["sketch"]), Image.open(inputs["reference"]), mode="vanilla", steps=STEPS, seed=7,
-        size=(SIZE, SIZE), crop=False, reference_guidance=4.0, sampler="dpmpp_2m")[0]
+    # every other setting at the app's defaults, which are the Colorizer's (the authors' app's)
+    col = srv.app.colorizer
+    extra = {"sketch_preprocessor": "invert"} if "sketch_preprocessor" in inspect.signature(col.colorize).parameters else {}
+    expected = col.colorize(Image.open(inputs["sketch"]), Image.open(inputs["reference"]), steps=STEPS, seed=7,
+                            size=(SIZE, SIZE), **extra)[0]
     np.testing.assert_array_equal(np.asarray(shown.convert("RGB")), np.asarray(expected))
     meta = json.loads(shown.info["cdv2"])  # the settings travel inside the PNG
-    assert meta["seed"] == 7 and meta["steps"] == STEPS and meta["sampler"] == "dpmpp_2m"
+    assert meta["seed"] == 7 and meta["steps"] == STEPS and meta["sampler"] == "diffuser_dpm"
 
 
 def test_bad_uploads_show_an_error_and_the_app_keeps_serving(server, browser, tmp_path):

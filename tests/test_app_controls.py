@@ -6,7 +6,7 @@ from cdv2.app import controls as ctl
 
 
 def _controls():
-    return ctl.build_controls(("dpmpp_2m", "euler"), ("Automatic", "Karras"))
+    return ctl.build_controls(("diffuser_dpm", "Euler a"), ("Automatic", "Karras"))
 
 
 def _defaults(controls):
@@ -17,9 +17,12 @@ def test_defaults_are_the_authors_and_valid():
     controls = _controls()
     values = _defaults(controls)
     assert ctl.validate(controls, values) == []
-    # the authors' app: every mode off, reference guidance 4, 20 steps, 512 x 512, seed -1
-    assert ctl.mode_of(values) == "vanilla"
+    # the authors' app: every mode off, reference guidance 4, 20 steps, 512 x 512, seed -1,
+    # diffuser_dpm, sketch preprocessor "invert", rmbg-v2 masks, injection fidelity 0.5
+    assert not any(values[k] for k in ("style_enhance", "bg_enhance", "fg_enhance", "injection"))
     assert (values["reference_guidance"], values["steps"], values["width"], values["seed"]) == (4.0, 20, 512, -1)
+    assert (values["sketch_preprocessor"], values["mask_extractor"], values["injection_fidelity"]) == (
+        "invert", "rmbg-v2", 0.5)
     assert len([c for c in controls if c.key.startswith("layer_")]) == 16
 
 
@@ -35,12 +38,20 @@ def test_out_of_range_and_unknown_values_are_named():
 def test_mapping_to_colorize_arguments():
     controls = _controls()
     values = dict(_defaults(controls), style_enhance=True, bg_enhance=True, encoder_scale=0.5, seed=3,
-                  width=640, height=512, num_images=2.0)
+                  width=640, height=512, num_images=2.0, threshold_2=0.7)
     kw = ctl.to_colorize_kwargs(controls, values, seed=3)
-    assert kw["mode"] == "full" and kw["size"] == (512, 640) and kw["num_images"] == 2 and kw["seed"] == 3
-    assert kw["per_layer_scales"] == [0.5] * 6 + [1.0] * 10
+    assert kw["style_enhance"] and kw["background_enhance"] and not kw["foreground_enhance"]
+    assert kw["size"] == (512, 640) and kw["num_images"] == 2 and kw["seed"] == 3
+    assert kw["encoder_scale"] == 0.5 and kw["per_layer_scales"] is None
+    assert kw["reference_mask"] == "rmbg-v2" and kw["thresholds"] == (0.5, 0.55, 0.7, 0.95)
     values = dict(values, accurate=True, layer_6=0.25)
     assert ctl.layer_scales(values)[6] == 0.25 and ctl.layer_scales(values)[0] == 1.0
+
+
+def test_only_controls_the_api_accepts_are_offered():
+    controls = _controls()
+    offered = ctl.supported_by(controls, {"reference_guidance", "steps", "size", "seed"})
+    assert {c.key for c in offered} == {"reference_guidance", "steps", "width", "height", "seed"}
 
 
 def test_seed_minus_one_draws_a_reusable_seed():

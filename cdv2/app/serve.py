@@ -4,22 +4,20 @@ from __future__ import annotations
 from typing import Optional
 
 from cdv2.app.ui import App
-
-SAMPLERS = ("dpmpp_2m", "euler", "ddim")
-SCHEDULES = ("Automatic", "Karras")
+from cdv2.diffusion.samplers import APP_SAMPLERS as SAMPLERS, APP_SCHEDULES as SCHEDULES
 
 
 def make_app(weights: Optional[str], *, clip: Optional[str] = None, config: Optional[str] = None,
-             dtype: str = "float32", output_dir: Optional[str] = None) -> "Server":
+             dtype: str = "float32", output_dir: Optional[str] = None, preprocessors: Optional[str] = None) -> "Server":
     from cdv2.sample.colorizer import Colorizer
 
     if weights is None:
-        from cdv2.demo import builtin_weights_dir
+        from cdv2.demo import DEMO_WEIGHTS
 
-        weights, title = builtin_weights_dir(), "cdv2 (built-in demo model: synthetic shapes only)"
+        weights, title = DEMO_WEIGHTS, "cdv2 (built-in demo model: synthetic shapes only)"
     else:
         title = "cdv2: ColorizeDiffusion v2"
-    col = Colorizer.from_pretrained(weights, clip=clip, config=config, dtype=dtype)
+    col = Colorizer.from_pretrained(weights, clip=clip, config=config, dtype=dtype, preprocessors=preprocessors)
     small = col.config.image_size < 512  # tiny/demo models: allow small generation sizes
     app = App(col, samplers=SAMPLERS, schedules=SCHEDULES, size_range=(64, 1536) if small else (512, 1536),
               default_size=col.config.image_size if small else 512, output_dir=output_dir, title=title)

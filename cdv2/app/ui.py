@@ -7,6 +7,7 @@ size (plus the persistent XLA cache across restarts). Every control is a row of
 """
 from __future__ import annotations
 
+import inspect
 import json
 import tempfile
 import time
@@ -20,8 +21,8 @@ from PIL.PngImagePlugin import PngInfo
 
 from cdv2.app import controls as ctl
 
-GROUP_TITLES = {"modes": None, "guidance": None, "scales": None, "advanced": "Advanced settings",
-                "accurate": "Accurate control on crossattn scale", "run": None}
+GROUP_TITLES = {"manipulation": "Text manipulation", "modes": None, "guidance": None, "scales": None,
+                "advanced": "Advanced settings", "accurate": "Accurate control on crossattn scale", "run": None}
 
 
 def save_result(image: Image.Image, settings: dict, folder: Path, index: int) -> Path:
@@ -64,7 +65,10 @@ class App:
     def __init__(self, colorizer, *, samplers, schedules, size_range=(512, 1536), default_size=512,
                  output_dir: Optional[str] = None, title: str = "cdv2: ColorizeDiffusion v2"):
         self.colorizer = colorizer
-        self.controls = ctl.build_controls(samplers, schedules, size_range, default_size)
+        api = inspect.signature(colorizer.colorize).parameters
+        has_text = "clip_text" in getattr(colorizer, "params", {})  # manipulation needs the text tower
+        self.controls = ctl.supported_by(ctl.build_controls(samplers, schedules, size_range, default_size,
+                                                            manipulation=has_text), api)
         self.output_dir = Path(output_dir or tempfile.mkdtemp(prefix="cdv2-app-"))
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.title = title
@@ -86,26 +90,33 @@ class App:
         settings = self.checked(sketch, reference, background, sketch_mask, reference_mask, values)
         seed = ctl.resolve_seed(settings["seed"], self.rng)
         kwargs = ctl.to_colorize_kwargs(self.controls, settings, seed)
+        if reference_mask is not None:  # an uploaded mask wins over the extractor
+            kwargs["reference_mask"] = reference_mask
         try:
             images = self.colorizer.colorize(sketch, reference, background=background, sketch_mask=sketch_mask,
-                                             reference_mask=reference_mask, progress=True, **kwargs)
-        except (ValueError, OSError) as e:  # bad images/masks: say so, keep serving
+                                             progress=True, **kwargs)
+        except (ValueError, OSError, NotImplementedError, LookupError) as e:  # bad input: say so, keep serving
             raise gr.Error(str(e))
         self.last_seed = seed
         record = dict(settings, seed=seed)
         items = [(str(save_result(im, dict(record, index=i), self.output_dir, i)), f"seed {seed} #{i}")
                  for i, im in enumerate(images)]
-        status = f"Done: {len(images)} image(s), seed {seed}, mode {kwargs['mode']}, {kwargs['steps']} steps."
+        modes = [c.label for c in self.controls if c.group == "modes" and settings[c.key]] or ["vanilla"]
+        status = f"Done: {len(images)} image(s), seed {seed}, {', '.join(modes)}, {kwargs['steps']} steps."
         return items, status, seed
 
     def preview(self, sketch, reference, background, sketch_mask, reference_mask, *values):
         settings = self.checked(sketch, reference, background, sketch_mask, reference_mask, values)
         kw = ctl.to_colorize_kwargs(self.controls, settings, 0)
+        if reference_mask is not None:
+            kw["reference_mask"] = reference_mask
+        api = inspect.signature(self.colorizer.prepare_inputs).parameters
+        flags = {"style_enhance", "background_enhance", "foreground_enhance", "attention_injection"}
+        keep = {k: v for k, v in kw.items() if k in api or k in flags}  # the preprocessing subset
         try:
-            prepared = self.colorizer.prepare_inputs(
-                sketch, reference, mode=kw["mode"], background=background, sketch_mask=sketch_mask,
-                reference_mask=reference_mask, size=kw["size"], sketch_polarity=kw["sketch_polarity"])
-        except (ValueError, OSError) as e:
+            prepared = self.colorizer.prepare_inputs(sketch, reference, background=background,
+                                                     sketch_mask=sketch_mask, **keep)
+        except (ValueError, OSError, NotImplementedError, LookupError) as e:
             raise gr.Error(str(e))
         return _preview_images(prepared)
 
@@ -114,6 +125,9 @@ class App:
         eid = f"cdv2-{c.key}"
         if c.kind == "check":
             return gr.Checkbox(label=c.label, value=c.default, elem_id=eid, info=c.info or None)
+        if c.kind == "text":
+            return gr.Textbox(label=c.label, value=c.default, elem_id=eid, info=c.info or None,
+                              lines=3 if c.key == "prompt" else 1)
         if c.kind == "choice":
             return gr.Dropdown(choices=list(c.choices), value=c.default, label=c.label, elem_id=eid,
                                info=c.info or None)
@@ -137,8 +151,10 @@ class App:
                             sketch_mask = gr.Image(label="Sketch mask", elem_id="cdv2-sketch-mask", **image)
                             reference_mask = gr.Image(label="Reference mask", elem_id="cdv2-reference-mask",
                                                       **image)
-                    for group in ("modes", "guidance", "scales", "advanced", "accurate"):
+                    for group in ("manipulation", "modes", "guidance", "scales", "advanced", "accurate"):
                         members = [c for c in self.controls if c.group == group]
+                        if not members:
+                            continue
                         title = GROUP_TITLES[group]
                         ctx = gr.Accordion(title, open=False) if title else gr.Group()
                         with ctx:

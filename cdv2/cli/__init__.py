@@ -4,52 +4,37 @@ calls public APIs; heavy imports (jax) happen after argument parsing."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from cdv2.cli import colorize
+
+
+# subcommand -> (module whose main(argv) runs it, help); imported only when chosen
+SUBCOMMANDS = {
+    "convert": ("cdv2.cli.convert", "authors' torch checkpoint / preprocessor networks -> cdv2 weights directory"),
+    "export": ("cdv2.cli.export", "cdv2 weights directory -> authors' safetensors"),
+    "demo": ("cdv2.demo", "the built-in model on held-out synthetic sketches (--train: train it here)"),
+    "train": ("cdv2.cli.train", "train a stage (python -m cdv2.train)"),
+    "app": ("cdv2.cli.app", "the colorization UI in a browser (needs the `app` extra)"),
+    "eval": ("cdv2.cli.eval", "the paper's evaluation: PSNR, MS-SSIM, CLIP similarity, FID (python -m cdv2.eval)"),
+}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="cdv2", description="ColorizeDiffusion v2 in JAX/Flax")
     sub = ap.add_subparsers(dest="command", required=True)
     colorize.add_parser(sub)
-    for name, help_ in (("convert", "authors' torch checkpoint (+ open_clip) -> cdv2 weights directory"),
-                        ("export", "cdv2 weights directory -> authors' safetensors"),
-                        ("demo", "no weights needed: train a tiny model on synthetic data, colorize with it"),
-                        ("train", "train a stage (python -m cdv2.train)"),
-                        ("app", "the colorization UI in a browser (needs the `app` extra)"),
-                        ("eval", "the paper's evaluation: PSNR, MS-SSIM, CLIP similarity, FID (python -m cdv2.eval)")):
+    for name, (_, help_) in SUBCOMMANDS.items():
         sub.add_parser(name, help=help_, add_help=False)
     args, rest = ap.parse_known_args(argv)
-    if args.command == "convert":
-        from cdv2.cli.convert import main as convert_main
-
-        return convert_main(rest)
-    if args.command == "export":
-        from cdv2.cli.export import main as export_main
-
-        return export_main(rest)
-    if args.command == "demo":
-        from cdv2.demo import main as demo_main
-
-        return demo_main(rest)
-    if args.command == "eval":
-        from cdv2.cli.eval import main as eval_main
-
-        return eval_main(rest)
-    if args.command == "app":
-        from cdv2.cli.app import main as app_main
-
-        return app_main(rest)
-    if args.command == "train":
-        from cdv2.cli.train import main as train_main
-
-        return train_main(rest)
+    if args.command in SUBCOMMANDS:
+        return importlib.import_module(SUBCOMMANDS[args.command][0]).main(rest)
     if rest:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return colorize.run(args)
-    except (OSError, ValueError) as e:  # bad input: one clear line, no traceback
+    except (OSError, ValueError, LookupError, NotImplementedError) as e:  # user error: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 1
 

@@ -8,8 +8,13 @@ Follows the authors' `prepare_conditions` (ARCHITECTURE.md §4.2-4.4) with the s
   reference/background are resized on the host (`to_model_inputs`, torch-equal resizes) to the
   CLIP input size and to the generation size, so a new reference size never recompiles.
 VAE posterior: the mean, or the authors' sample with explicit noise per latent (`vae_noise`
-{"reference": (1,h,w,4), "background": (1,h,w,4)}; "background" is the background image or the
-masked reference, whichever the modes encode).
+{"reference": (1,h,w,4), "background": (1,h,w,4), "injection": (1,h,w,4)}; "background" is the
+background image or the masked reference, whichever the modes encode; "injection" the attention
+injection image, drawn after the others as in the authors' `generate`).
+Attention injection (the app's checkbox): the injection latent r and the write pass's sketch hints
+are prepared here (`InjectionConditions`); the per-call write/read is `cdv2.modules.injection`.
+Text manipulation: `ModelInputs.reference_tokens` replaces the reference's CLIP tokens
+(`Pipeline.manipulated_tokens`); everything that uses them (context, style and bg encoders) follows.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ from cdv2 import conditioning as cb
 from cdv2.model import Components
 from cdv2.diffusion.guidance import COND, UNCOND_REF, UNCOND_SKETCH
 
-VAE_NOISE_SLOTS = ("reference", "background")
+VAE_NOISE_SLOTS = ("reference", "background", "injection")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +37,8 @@ class Modes:
     """The app's independent checkboxes (static: each combination compiles once).
     style: "Style enhance"; background: "BG enhance (mask guided)"; foreground: "FG enhance (mask
     guided)" (split attention over [e | e] with the sketch mask, no LoRA, no skip injection);
-    injection: "Attention injection" (not wired yet)."""
+    injection: "Attention injection" (reference-only: a write pass on the noised reference latent
+    before every U-Net call, its self-attention tokens read by the real pass)."""
 
     style: bool = False
     background: bool = False
@@ -74,7 +80,9 @@ class Inputs:
     """Host arrays (NHWC, batch 1). sketch: (1,H,W,3) lines +1 on -1; reference/background: (1,h,w,3)
     in [-1,1] at their own resolution; *_ratios: (1,2) size-embedding ratios (None: from the image
     size, `conditioning.size_ratios`); reference_mask: (1,h,w,1) in [0,1] at the reference's
-    resolution; sketch_mask: (1,H/8,W/8,1) latent-resolution sketch mask."""
+    resolution; sketch_mask: (1,H/8,W/8,1) latent-resolution sketch mask; injection_image:
+    (1,H,W,3) in [-1,1], the reference resized to the generation size (attention injection,
+    `cdv2.sample.injection.injection_image`)."""
 
     sketch: jnp.ndarray
     reference: jnp.ndarray
@@ -83,13 +91,16 @@ class Inputs:
     sketch_mask: Optional[jnp.ndarray] = None
     background: Optional[jnp.ndarray] = None
     background_ratios: Optional[jnp.ndarray] = None
+    injection_image: Optional[jnp.ndarray] = None
 
 
 @struct.dataclass
 class ModelInputs:
     """Fixed-shape inputs of the jitted `prepare`: *_clip (1,S,S,3) antialiased squash to the CLIP
     input size, *_vae (1,H,W,3) `warp_resize` to the generation size (both [-1,1], un-normalised);
-    masked_*: the reference with its character whitened (BG enhance without a background image)."""
+    masked_*: the reference with its character whitened (BG enhance without a background image);
+    injection_image (1,H,W,3): attention injection's image; reference_tokens (1,256,C): CLIP tokens
+    that replace the reference's (text manipulation), None = computed from reference_clip."""
 
     sketch: jnp.ndarray
     reference_clip: jnp.ndarray
@@ -101,12 +112,25 @@ class ModelInputs:
     background_ratios: Optional[jnp.ndarray] = None
     masked_clip: Optional[jnp.ndarray] = None
     masked_vae: Optional[jnp.ndarray] = None
+    injection_image: Optional[jnp.ndarray] = None
+    reference_tokens: Optional[jnp.ndarray] = None
+
+
+@struct.dataclass
+class InjectionConditions:
+    """Attention injection's per-generation inputs: r (1,h,w,4) the scaled VAE latent of the
+    injection image (posterior sample or mean); write_control: the write pass's 5 sketch hints
+    (hints of the NEGATED injection image x "Injection fidelity (sketch)", repeated to every row)."""
+
+    r: jnp.ndarray
+    write_control: tuple
 
 
 @struct.dataclass
 class UNetConditions:
     """Everything the U-Net receives besides x and t, stacked branch-major along the batch.
-    use_lora (static): the decoder's fg/bg LoRAs (BG enhance)."""
+    use_lora (static): the decoder's fg/bg LoRAs (BG enhance); injection: attention injection's
+    inputs (None: off)."""
 
     context: jnp.ndarray
     control: tuple
@@ -114,6 +138,7 @@ class UNetConditions:
     hs_bg: Optional[tuple] = None
     style: Optional[tuple] = None
     use_lora: bool = struct.field(pytree_node=False, default=False)
+    injection: Optional[InjectionConditions] = None
 
 
 @struct.dataclass
@@ -125,6 +150,7 @@ class Strengths:
     mask_scale: jnp.ndarray = 1.0          # "Background factor": bg-encoder features x this
     merge_scale: jnp.ndarray = 0.0         # "Merging scale": style vectors (and split attention) bg mix
     reference_mask_threshold: float = 0.5  # ts_r: reference pixels with mask < ts_r are background
+    injection_sketch_fidelity: jnp.ndarray = 0.0  # "Injection fidelity (sketch)": write-pass hints x this
 
 
 def to_model_inputs(inputs: Inputs, clip_size: int, modes: Modes, reference_mask_threshold: float = 0.5
@@ -142,7 +168,9 @@ def to_model_inputs(inputs: Inputs, clip_size: int, modes: Modes, reference_mask
 
     kw = dict(sketch=sk, reference_clip=squash_for_clip(ref, clip_size), reference_vae=squash_to(ref, hw),
               reference_ratios=ratios(inputs.reference_ratios, ref),
-              sketch_mask=None if inputs.sketch_mask is None else np.asarray(inputs.sketch_mask, np.float32))
+              sketch_mask=None if inputs.sketch_mask is None else np.asarray(inputs.sketch_mask, np.float32),
+              injection_image=None if inputs.injection_image is None else np.asarray(inputs.injection_image,
+                                                                                      np.float32))
     if inputs.background is not None:
         bg = np.asarray(inputs.background, np.float32)
         kw.update(background_clip=squash_for_clip(bg, clip_size), background_vae=squash_to(bg, hw),
@@ -158,10 +186,11 @@ def prepare_conditions(comps: Components, params, mi: ModelInputs, strengths: St
                        vae_noise: Optional[dict] = None) -> tuple[UNetConditions, dict]:
     """Returns the branch-stacked U-Net conditions and a dict of intermediate tensors (CLIP tokens,
     encoder inputs/outputs) for inspection and tests."""
-    if modes.injection:
-        raise NotImplementedError("attention injection is not wired into the pipeline yet")
     vae_noise = vae_noise or {}
-    e = cb.clip_tokens(comps, params, mi.reference_clip, squashed=True)
+    if mi.reference_tokens is not None:  # text manipulation: the manipulated tokens replace e everywhere
+        e = jnp.asarray(mi.reference_tokens, jnp.float32)
+    else:
+        e = cb.clip_tokens(comps, params, mi.reference_clip, squashed=True)
     y_ref = cb.size_condition(comps, mi.reference_ratios)
     control, uc_control = cb.sketch_hints(comps, params, mi.sketch, strengths.control_scale)
     debug = {"clip_tokens": e, "control": control, "y_reference": y_ref}
@@ -217,6 +246,16 @@ def prepare_conditions(comps: Components, params, mi: ModelInputs, strengths: St
         return jnp.concatenate([jnp.repeat(a, num_images, axis=0) for a in per_branch], axis=0)
 
     n = len(branches) * num_images
+    injection = None
+    if modes.injection:  # after the conditions' VAE draws, as the authors' generate
+        if mi.injection_image is None:
+            raise ValueError("attention injection needs the injection image (Inputs.injection_image)")
+        r = cb.vae_latent(comps, params, mi.injection_image, vae_noise.get("injection"))
+        hints = cb.sketch_hints(comps, params, -mi.injection_image, strengths.injection_sketch_fidelity,
+                                with_blank=False)
+        injection = InjectionConditions(r=r, write_control=tuple(jnp.repeat(h, n, axis=0) for h in hints))
+        debug.update(injection_latent=r)
+
     conds = UNetConditions(
         context=stack([rows[b][0] for b in branches]),
         control=tuple(stack([rows[b][1][i] for b in branches]) for i in range(len(control))),
@@ -224,5 +263,6 @@ def prepare_conditions(comps: Components, params, mi: ModelInputs, strengths: St
         hs_bg=None if hs_bg is None else tuple(jnp.repeat(h, n, axis=0) for h in hs_bg),
         style=None if style_vecs is None else tuple(jnp.repeat(s, n, axis=0) for s in style_vecs),
         use_lora=modes.lora,
+        injection=injection,
     )
     return conds, debug

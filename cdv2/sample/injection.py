@@ -39,3 +39,19 @@ def plain_rows(branches: Sequence[str], num_images: int) -> tuple[int, ...]:
         return ()
     k = list(branches).index(UNCOND_REF)
     return tuple(range(k * num_images, (k + 1) * num_images))
+
+
+def noise_per_call(active_draws: np.ndarray, call_timesteps: Sequence[float], start_step: float,
+                   num_timesteps: int = 1000) -> np.ndarray:
+    """Recorded q_sample draws in order of the ACTIVE calls (the authors' `noise/q_sample`: one per
+    write pass) -> one entry per U-Net call, as `Pipeline.denoise(injection_noise=...)` takes them
+    (zeros at the calls before the start step, which draw nothing). call_timesteps: each call's
+    model timestep (for the activity test 1 - t/(T-1) >= start_step)."""
+    draws = np.asarray(active_draws, np.float32)
+    t = np.asarray(call_timesteps, np.float64).reshape(-1)
+    active = 1.0 - t.astype(np.float32) / (num_timesteps - 1) >= np.float32(start_step)
+    if int(active.sum()) != draws.shape[0]:
+        raise ValueError(f"{draws.shape[0]} recorded draws for {int(active.sum())} active calls")
+    out = np.zeros((t.shape[0],) + draws.shape[1:], np.float32)
+    out[active] = draws
+    return out

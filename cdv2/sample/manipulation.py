@@ -203,3 +203,31 @@ def encode_reference_full(params, image, config, dtype=jnp.float32):
 
     pixels = preprocess_for_clip(image, config.image_size)
     return VisionTransformer(config, dtype=dtype).apply({"params": params}, pixels, full=True)
+
+
+def load_text_tower(path, config):
+    """The text tower's params from an open_clip ViT-H-14 file (or any file holding its keys, e.g.
+    the authors' single-file checkpoint): the authors' released colorization checkpoint does not
+    carry it, so manipulation reads it from the same open_clip file as the image tower."""
+    from cdv2.weights.open_clip_text import convert_open_clip_text
+    from cdv2.weights.readers import load_state_dict
+
+    return convert_open_clip_text(load_state_dict(str(path)), config)
+
+
+def app_manipulations(prompt: Optional[str] = "", target_prompt: Optional[str] = "", anchor_prompt: Optional[str] = "",
+                      control_prompt: Optional[str] = "", target_scale: float = 0.0,
+                      thresholds: Sequence[float] = DEFAULT_THRESHOLDS, enhance_manipulation: bool = False,
+                      extra: Sequence[Manipulation] = ()) -> list[Manipulation]:
+    """The manipulations of the app's fields (`Colorizer.colorize` keywords): the "Final prompt" box
+    lines, then the direct fields (when the target is non-empty), then `extra` (explicit
+    `Manipulation`s, e.g. the authors' exact parse). Bugs of the authors' parser fixed (see
+    `parse_prompts`)."""
+    if len(thresholds) != 4:
+        raise ValueError(f"thresholds must be 4 numbers (ts0..ts3), got {tuple(thresholds)}")
+    out = parse_prompts(prompt, target_prompt, anchor_prompt, control_prompt, float(target_scale),
+                        *(float(t) for t in thresholds), enhance=bool(enhance_manipulation))
+    for m in extra:
+        if not isinstance(m, Manipulation):
+            raise TypeError(f"manipulations must be Manipulation objects, got {type(m).__name__}")
+    return out + list(extra)
