@@ -13,7 +13,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
 
-from cdv2.sample.preprocess import Box, ImageInput, open_image, resize_float
+from cdv2.sample.preprocess import Box, ImageInput, luma, open_image, resize_float
 
 REFERENCE_DILATE_PX = 5  # the authors' rmask dilation: max_pool2d(kernel 11, stride 1, padding 5)
 
@@ -87,16 +87,12 @@ def _unit_float(a: np.ndarray, what: str) -> np.ndarray:
     raise TypeError(f"{what}: unsupported mask dtype {a.dtype}")
 
 
-def _luma(rgb: np.ndarray) -> np.ndarray:
-    return rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
-
-
 def _gray_from_channels(a: np.ndarray) -> np.ndarray:
     """HxWxC in [0,1] -> HxW: C=1 gray; C=3 luma; C=2/4 (with alpha): the alpha if the colour is
     uniform over the whole image (a pure alpha mask), else the colour's luma."""
     c = a.shape[-1]
     color = a[..., : (1 if c <= 2 else 3)]
-    gray = color[..., 0] if color.shape[-1] == 1 else _luma(color)
+    gray = color[..., 0] if color.shape[-1] == 1 else luma(color)
     if c in (2, 4) and np.ptp(color) == 0:
         return a[..., -1]
     return gray

@@ -191,7 +191,7 @@ def squash_for_clip(x: np.ndarray, image_size: int = 224) -> np.ndarray:
 
 # --- sketch ----------------------------------------------------------------------------------------
 
-def _luma(rgb: np.ndarray) -> np.ndarray:
+def luma(rgb: np.ndarray) -> np.ndarray:
     return rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114  # ITU-R 601, as PIL "L"
 
 
@@ -203,7 +203,7 @@ def detect_sketch_polarity(rgb: np.ndarray) -> str:
     clearly bright (>= 192) or dark (< 64) that decides; if it is mid-grey (a framed or tinted
     border) use the median luma of the whole image instead. Bright (>= 128) -> black on white.
     """
-    y = _luma(rgb.astype(np.float64))
+    y = luma(rgb.astype(np.float64))
     h, w = y.shape
     bh, bw = max(1, round(0.02 * h)), max(1, round(0.02 * w))
     ring = np.ones((h, w), bool)
