@@ -3,7 +3,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cdv2.modules.encoders import SketchEncoder, UNetEncoder, size_embedding, size_ratios
+from cdv2.conditioning import size_ratios
+from cdv2.modules.encoders import SketchEncoder, UNetEncoder, size_embedding
 from cdv2.weights.torch_layout import state_dict_to_params
 from conftest import nchw_to_nhwc, nhwc_to_nchw, rel_err
 

@@ -6,7 +6,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
-import numpy as np
 
 from cdv2.config import SketchEncoderConfig, UNetConfig
 from cdv2.modules.layers import conv, time_embed, timestep_embedding, tokens
@@ -83,17 +82,3 @@ def size_embedding(ratios, dim: int = 256) -> jnp.ndarray:
     """y = [emb(rh) | emb(rw)] (B, 2*dim) from ratios (B, 2) = (height ratio, width ratio)."""
     ratios = jnp.asarray(ratios, jnp.float32)
     return jnp.concatenate([timestep_embedding(ratios[:, 0], dim), timestep_embedding(ratios[:, 1], dim)], axis=-1)
-
-
-def size_ratios(source_hw: tuple[int, int], target_hw: tuple[int, int]) -> np.ndarray:
-    """The authors' `get_size_embedding` ratios (rh, rw) of a source image (reference or background)
-    of pixel size `source_hw` for a generation of size `target_hw`; a source smaller than the
-    target gets the authors' "bias" (its height grown by max(H, W), aspect kept)."""
-    oh, ow = source_hw
-    h, w = target_hw
-    if oh < h or ow < w:
-        ih = oh + max(h, w)
-        iw = ow / oh * ih
-    else:
-        ih, iw = oh, ow
-    return np.array([ih / h, iw / w], np.float32)
