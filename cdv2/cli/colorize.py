@@ -41,8 +41,9 @@ def add_parser(sub):
     io.add_argument("--overwrite", action="store_true", help="replace existing output files")
     io.add_argument("--demo-out", default="cdv2-demo", help="folder of the built-in demo (run when no weights "
                     "and no inputs are given)")
-    io.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                    help="compute dtype (bfloat16: faster on GPU/TPU; softmax and norms stay fp32)")
+    io.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "auto"],
+                    help="compute dtype (bfloat16: faster on GPU/TPU, weights loaded in bf16, softmax and "
+                    "norms stay fp32; auto: bf16 on GPU/TPU, fp32 on CPU)")
     io.add_argument("--no-compile-cache", action="store_true",
                     help="do not use the persistent XLA compilation cache (~/.cache/cdv2/xla)")
 

@@ -100,8 +100,7 @@ class Colorizer:
         the default extractor). preprocessors: the app's mask/line networks (`Preprocessors.load`);
         None = none, masks estimated. text_tower_file: a file holding the CLIP text tower (the
         open_clip ViT-H-14 file), read on the first text manipulation when params lack `clip_text`."""
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        dtype = compute_dtype_name(dtype)
         self.config = config
         params = dict(params)
         text = params.pop("clip_text", None)  # kept apart: the jitted prepare never sees the text tower
@@ -125,7 +124,8 @@ class Colorizer:
         from `clip` when first needed."""
         from cdv2.weights.pretrained import load_pretrained
 
-        params, cfg = load_pretrained(path, clip=clip, config=config)
+        dtype = compute_dtype_name(dtype)
+        params, cfg = load_pretrained(path, clip=clip, config=config, dtype=dtype)  # bf16 compute: bf16 weights, once
         if preprocessors is not None and not isinstance(preprocessors, Preprocessors):
             preprocessors = Preprocessors.load(preprocessors)
         return cls(params, cfg, dtype=dtype, attention_impl=attention_impl, preprocessors=preprocessors,
@@ -400,6 +400,17 @@ def _looks_like_path(value: str) -> bool:
     import os
 
     return os.path.exists(value)
+
+
+def compute_dtype_name(dtype: str) -> str:
+    """"float32" | "bfloat16" (or their short names) | "auto" = bf16 on GPU/TPU, fp32 on CPU."""
+    if dtype == "auto":
+        from cdv2.weights.dtypes import auto_dtype
+
+        return "bfloat16" if auto_dtype() != np.dtype(np.float32) else "float32"
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
+    return {"fp32": "float32", "bf16": "bfloat16"}.get(dtype, dtype)
 
 
 def _pad_rgb(a: np.ndarray, pad_scale: float, fill=255, dtype=np.uint8) -> np.ndarray:
