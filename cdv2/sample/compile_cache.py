@@ -38,9 +38,10 @@ def enable(path: Optional[str | os.PathLike] = None, *, min_compile_time_s: floa
         return None
     import jax
 
-    if path is None and jax.config.jax_compilation_cache_dir:  # already chosen by the caller (e.g. tests)
+    env = os.environ.get(ENV_DIR)
+    if path is None and not env and jax.config.jax_compilation_cache_dir:  # already chosen by the caller
         return Path(jax.config.jax_compilation_cache_dir)
-    folder = Path(path or os.environ.get(ENV_DIR) or default_dir()).expanduser()
+    folder = Path(path or env or default_dir()).expanduser()
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError:
