@@ -3,6 +3,12 @@ denoise (N sampler steps, one jit) + decode (VAE), per mode.
 
     python -m benchmarks.sample_latency                                  # GPU/TPU: v2, 768 px, 20 steps
     python -m benchmarks.sample_latency --config tiny --size 128 --steps 20   # CPU
+    python -m benchmarks.sample_latency --config tiny --size 128 --modes vanilla --samplers all   # every sampler
+
+`--samplers` takes the app's names (`APP_SAMPLERS`, or `all`) and `--schedule` the app's noise
+schedules; each (mode, sampler) pair is one row with its U-Net calls (Heun/DPM2/2S a/SDE evaluate the
+model twice per step, PNDM once more at the start) and its own denoise compile time (every sampler is
+its own jitted loop; changing seed, scales or schedule parameters does not recompile).
 
 The first call of each stage includes its compilation; "compile" below is that first call minus
 the warm median (the pipeline's jitted functions compile on first use). Warm numbers are medians of
@@ -23,6 +29,7 @@ from cdv2.config import load_model_config
 from cdv2.model import param_shapes
 from cdv2.sample.conditions import Inputs, Strengths
 from cdv2.diffusion.guidance import branches_for
+from cdv2.diffusion.samplers import APP_SAMPLERS, APP_SCHEDULES, make_sampler
 from cdv2.sample.pipeline import MODES, Guidance, Pipeline
 
 
@@ -36,12 +43,14 @@ def synthetic_inputs(size: int, key) -> Inputs:
                   sketch_mask=smask)
 
 
-def bench_mode(pipe, params, inputs, mode, steps, images, rg, sg, repeats):
+def bench_mode(pipe, params, inputs, mode, steps, images, rg, sg, repeats, sampler_name="dpmpp_2m",
+               schedule="Automatic"):
     branches = branches_for(rg, sg)
     guide = Guidance(reference_guidance=rg, sketch_guidance=sg)
     size = inputs.sketch.shape[1]
     noise = jax.random.normal(jax.random.PRNGKey(3), (images, size // 8, size // 8, 4))
-    sampler = ("dpmpp_2m", steps, False)
+    sampler = (sampler_name, steps, schedule)
+    calls = make_sampler(sampler_name, steps, schedule).num_calls
 
     def stages():
         t0 = time.perf_counter()
@@ -49,7 +58,7 @@ def bench_mode(pipe, params, inputs, mode, steps, images, rg, sg, repeats):
         jax.block_until_ready(conds)
         t1 = time.perf_counter()
         latent = jax.block_until_ready(pipe.denoise(params["unet"], conds, noise, guide, sampler=sampler,
-                                                    branches=branches))
+                                                    branches=branches, key=jax.random.PRNGKey(4)))
         t2 = time.perf_counter()
         jax.block_until_ready(pipe.decode(params["vae"], latent))
         t3 = time.perf_counter()
@@ -59,12 +68,14 @@ def bench_mode(pipe, params, inputs, mode, steps, images, rg, sg, repeats):
     traces = dict(pipe.trace_counts)
     warm = [stages() for _ in range(repeats)]
     assert pipe.trace_counts == traces, "a warm run recompiled"
-    out = {"mode": mode, "steps": steps, "images": images, "branches": list(branches), "first_call_s": first}
+    out = {"mode": mode, "sampler": sampler_name, "schedule": schedule, "steps": steps, "unet_calls": calls,
+           "images": images, "branches": list(branches), "first_call_s": first}
     for k in first:
         s = common.summarize([w[k] for w in warm])
         out[k] = s
         out[f"{k}_compile_s"] = max(first[k] - s["median_s"], 0.0)
     out["ms_per_step"] = 1e3 * out["denoise"]["median_s"] / steps
+    out["ms_per_unet_call"] = 1e3 * out["denoise"]["median_s"] / calls
     return out
 
 
@@ -78,8 +89,20 @@ def main(argv=None):
     ap.add_argument("--modes", nargs="+", default=["vanilla", "full"], choices=list(MODES))
     ap.add_argument("--reference-guidance", type=float, default=5.0)
     ap.add_argument("--sketch-guidance", type=float, default=1.0)
+    ap.add_argument("--samplers", nargs="+", default=["dpmpp_2m"], metavar="NAME",
+                    help=f"sampler names (the app's labels or 'all'): {', '.join(APP_SAMPLERS)}")
+    ap.add_argument("--schedule", default="Automatic", choices=list(APP_SCHEDULES), help="noise schedule")
     common.add_common_args(ap, repeats=3)
     args = ap.parse_args(argv)
+    samplers = list(APP_SAMPLERS) if args.samplers == ["all"] else args.samplers
+    for name in list(samplers):
+        try:  # unknown names fail here, before any compile
+            make_sampler(name, args.steps, args.schedule)
+        except NotImplementedError as e:
+            if args.samplers != ["all"]:
+                raise
+            print(f"skipped {name}: {e}")
+            samplers.remove(name)
 
     model_cfg = load_model_config(args.config, parse_overrides(args.set))
     dtype, impl = common.resolve_dtype_attention(args)
@@ -91,24 +114,27 @@ def main(argv=None):
     inputs = synthetic_inputs(args.size, jax.random.PRNGKey(2))
     rows = []
     for mode in args.modes:
-        r = bench_mode(pipe, params, inputs, mode, args.steps, args.images, args.reference_guidance,
-                       args.sketch_guidance, args.repeats)
-        rows.append(r)
-        print(f"{mode:10s} {args.size}px {args.steps} steps x{args.images}: total {r['total']['median_s']:.3f} s "
-              f"(min {r['total']['min_s']:.3f}, max {r['total']['max_s']:.3f}) = prepare "
-              f"{r['prepare']['median_s']:.3f} + denoise {r['denoise']['median_s']:.3f} ({r['ms_per_step']:.1f} ms/step)"
-              f" + decode {r['decode']['median_s']:.3f}; compile ~{r['total_compile_s']:.1f} s", flush=True)
+        for name in samplers:
+            r = bench_mode(pipe, params, inputs, mode, args.steps, args.images, args.reference_guidance,
+                           args.sketch_guidance, args.repeats, name, args.schedule)
+            rows.append(r)
+            print(f"{mode:10s} {name:16s} {args.size}px {args.steps} steps ({r['unet_calls']} U-Net calls) "
+                  f"x{args.images}: total {r['total']['median_s']:.3f} s (min {r['total']['min_s']:.3f}, max "
+                  f"{r['total']['max_s']:.3f}) = prepare {r['prepare']['median_s']:.3f} + denoise "
+                  f"{r['denoise']['median_s']:.3f} ({r['ms_per_unet_call']:.1f} ms/call) + decode "
+                  f"{r['decode']['median_s']:.3f}; denoise compile ~{r['denoise_compile_s']:.1f} s", flush=True)
     mem = common.finish("sample_latency", args, info, rows, config=args.config, overrides=args.set, size=args.size,
                         dtype=common.dtype_name(dtype), attention=impl or "xla")
     if args.append_md:
-        cols = ["mode", "px", "steps", "images", "branches", "total s (median)", "min–max s", "prepare s",
-                "denoise s", "ms/step", "decode s", "compile s (first − warm)"]
-        table = [[r["mode"], args.size, r["steps"], r["images"], len(r["branches"]), r["total"]["median_s"],
-                  f"{r['total']['min_s']:.3g}–{r['total']['max_s']:.3g}", r["prepare"]["median_s"],
-                  r["denoise"]["median_s"], r["ms_per_step"], r["decode"]["median_s"], r["total_compile_s"]]
-                 for r in rows]
+        cols = ["mode", "sampler", "px", "steps", "U-Net calls", "images", "branches", "total s (median)",
+                "min–max s", "prepare s", "denoise s", "ms/U-Net call", "decode s", "denoise compile s",
+                "compile s (first − warm)"]
+        table = [[r["mode"], r["sampler"], args.size, r["steps"], r["unet_calls"], r["images"], len(r["branches"]),
+                  r["total"]["median_s"], f"{r['total']['min_s']:.3g}–{r['total']['max_s']:.3g}",
+                  r["prepare"]["median_s"], r["denoise"]["median_s"], r["ms_per_unet_call"], r["decode"]["median_s"],
+                  r["denoise_compile_s"], r["total_compile_s"]] for r in rows]
         notes = (f"config {args.config} {' '.join(args.set)}, {common.dtype_name(dtype)}, attention {impl or 'xla'}, "
-                 f"dpmpp_2m, guidance {args.reference_guidance}/{args.sketch_guidance}, median of {args.repeats} "
+                 f"schedule {args.schedule}, guidance {args.reference_guidance}/{args.sketch_guidance}, median of {args.repeats} "
                  f"warm runs; peak memory ({mem['kind']}) {mem['bytes'] / 2**30:.2f} GiB. {args.note}").strip()
         common.append_markdown(f"Sample latency: {args.config}", cols, table, notes, info)
 

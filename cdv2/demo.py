@@ -15,9 +15,7 @@ skips compilation. `cdv2 demo --train` trains a model from scratch instead (cdv2
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import threading
 import time
 from pathlib import Path
@@ -66,42 +64,8 @@ class heartbeat:
         return False
 
 
-def demo_parser(prog: str = "cdv2 demo") -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=prog, description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="cdv2-demo", help="output folder (samples.png, colour_check.json)")
-    ap.add_argument("--weights", default=None, help="weights directory (default: the built-in demo model)")
-    ap.add_argument("--num", type=int, default=4, help="held-out sketches to colorize")
-    ap.add_argument("--steps", type=int, default=20, help="sampling steps")
-    ap.add_argument("--reference-guidance", type=float, default=2.0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--train", action="store_true",
-                    help="train a model from scratch here instead (see `cdv2 demo --train --help`)")
-    return ap
-
-
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--train" in argv:
-        from cdv2.demo_train import main as train_main
-
-        argv.remove("--train")
-        return train_main(argv)
-    args = demo_parser().parse_args(argv)
-    try:
-        run_demo(args)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
 def run_demo(args):
-    """The built-in demo (or, with args.train, training from scratch); -> its result dict."""
-    if getattr(args, "train", False):
-        from cdv2.demo_train import train_parser, run_train_demo
-
-        return run_train_demo(train_parser().parse_args(["--out", args.out, "--seed", str(args.seed)]))
+    """The built-in demo for parsed `cdv2 demo` arguments (cdv2/cli/demo.py); -> its result dict."""
     return run_builtin_demo(args.out, weights=args.weights, num=args.num, steps=args.steps,
                             reference_guidance=args.reference_guidance, seed=args.seed)
 
@@ -230,7 +194,3 @@ def run_builtin_demo(out="cdv2-demo", *, weights=None, num: int = 4, steps: int 
     _log(f"done in {seconds:.0f} s")
     return {"grid": out / "samples.png", "check": check, "seconds": seconds, "compile_seconds": compile_s,
             "outputs": own, "swapped_outputs": other, "pairs": pairs}
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,9 +12,7 @@ A few hundred steps show the sketch's shapes; taking colours from the reference 
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -22,33 +20,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from cdv2.demo import DEMO_SIZE, DEMO_WEIGHTS, _log, enable_compilation_cache, heartbeat
-
-
-def train_parser(prog: str = "cdv2 demo --train") -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=prog, description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="cdv2-demo-train", help="output folder (data, checkpoints, PNGs)")
-    ap.add_argument("--train-steps", type=int, default=300, help="training steps in this run (compilation excluded)")
-    ap.add_argument("--fit-vae", type=int, default=0, metavar="STEPS",
-                    help="fit the VAE for STEPS steps instead of taking the built-in model's")
-    ap.add_argument("--images", type=int, default=512, help="synthetic training images")
-    ap.add_argument("--size", type=int, default=DEMO_SIZE, help="image side (pixels, multiple of 64)")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=20, help="sampling steps")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--fast-compile", action="store_true", help=argparse.SUPPRESS)  # tests: unoptimised XLA
-    return ap
-
-
-def main(argv=None) -> int:
-    args = train_parser().parse_args(argv)
-    try:
-        run_train_demo(args)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+from cdv2.demo import DEMO_WEIGHTS, _log, enable_compilation_cache, heartbeat
 
 
 def _frozen_parts(args, data: Path, out: Path, model_cfg):
@@ -142,7 +114,3 @@ def run_train_demo(args):
     _log(f"held-out colorizations (sketch | reference | output | ground truth): {out / 'samples.png'}")
     _log(f"done in {time.perf_counter() - t_start:.0f} s")
     return col
-
-
-if __name__ == "__main__":
-    sys.exit(main())

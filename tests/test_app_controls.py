@@ -1,8 +1,10 @@
 """The app's control table without a browser: defaults equal the authors' app, out-of-range values
 are refused with the control's label, and values map onto `Colorizer.colorize` arguments."""
 import numpy as np
+import pytest
 
 from cdv2.app import controls as ctl
+from cdv2.sample.seeds import MAX_APP_SEED, resolve_seed
 
 
 def _controls():
@@ -56,6 +58,9 @@ def test_only_controls_the_api_accepts_are_offered():
 
 def test_seed_minus_one_draws_a_reusable_seed():
     rng = np.random.default_rng(0)
-    seeds = {ctl.resolve_seed(-1, rng) for _ in range(5)}
-    assert len(seeds) == 5 and all(0 <= s <= ctl.MAX_SEED for s in seeds)
-    assert ctl.resolve_seed(42, rng) == 42
+    seeds = {resolve_seed(-1, rng) for _ in range(5)}
+    assert len(seeds) == 5 and all(0 <= s <= MAX_APP_SEED for s in seeds)
+    assert resolve_seed(42, rng) == 42
+    assert len({resolve_seed(-1) for _ in range(5)}) == 5  # without a Generator: Python's random
+    with pytest.raises(ValueError, match="seed must be"):
+        resolve_seed(-2)

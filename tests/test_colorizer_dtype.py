@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cdv2.sample.colorizer import Colorizer, compute_dtype_name
+from cdv2.sample.colorizer import Colorizer
+from cdv2.weights.dtypes import compute_dtype_name
 
 
 def test_auto_dtype_follows_the_backend(monkeypatch):

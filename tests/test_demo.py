@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from cdv2 import demo
+from cdv2.cli import demo as demo_cli
 from cdv2.cli import main as cli_main
 from cdv2.train.synthetic import held_out_pairs, make_pair
 
@@ -85,9 +86,9 @@ def test_colorize_without_arguments_runs_the_demo(tmp_path, monkeypatch, capsys)
 
 
 def test_bad_arguments_are_refused(tmp_path, capsys):
-    assert demo.main(["--out", str(tmp_path), "--num", "1"]) == 1
+    assert demo_cli.main(["--out", str(tmp_path), "--num", "1"]) == 1
     assert "at least 2" in capsys.readouterr().err
-    assert demo.main(["--train", "--out", str(tmp_path), "--size", "100"]) == 1
+    assert demo_cli.main(["--train", "--out", str(tmp_path), "--size", "100"]) == 1
     assert "multiple of 64" in capsys.readouterr().err
 
 
@@ -96,9 +97,9 @@ def test_train_demo_trains_resumes_and_writes_grid(tmp_path, compilation_cache):
     out = tmp_path / "t"
     args = ["--train", "--out", str(out), "--train-steps", "2", "--images", "16", "--batch", "4", "--steps", "2",
             "--fast-compile"]
-    assert demo.main(args) == 0
+    assert demo_cli.main(args) == 0
     first = json.loads((out / "demo_state.json").read_text())
     assert first["steps"] == [1, 2] and all(np.isfinite(first["losses"]))
     assert Image.open(out / "samples.png").size == (4 * 130 + 2, 4 * 130 + 2 + 14)
-    assert demo.main(args) == 0                       # again: resumes for 2 more steps
+    assert demo_cli.main(args) == 0                       # again: resumes for 2 more steps
     assert json.loads((out / "demo_state.json").read_text())["steps"] == [1, 2, 3, 4]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional, Sequence
 
-MAX_SEED = 429496729  # the authors' app's seed slider maximum
+from cdv2.sample.seeds import MAX_APP_SEED as MAX_SEED  # the seed slider's maximum
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,12 +153,6 @@ def layer_scales(values: dict) -> Optional[list[float]]:
     if not values["accurate"]:
         return None
     return [float(values[f"layer_{i}"]) for i in range(len(LAYER_NAMES))]
-
-
-def resolve_seed(seed, rng) -> int:
-    """-1 draws a random seed (from `rng`, a numpy Generator) so that it can be shown and reused."""
-    seed = int(seed)
-    return int(rng.integers(0, MAX_SEED)) if seed < 0 else seed
 
 
 def to_colorize_kwargs(controls: Sequence[Control], values: dict, seed: int) -> dict:

@@ -20,6 +20,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from cdv2.app import controls as ctl
+from cdv2.sample.seeds import resolve_seed
 
 GROUP_TITLES = {"manipulation": "Text manipulation", "modes": None, "guidance": None, "scales": None,
                 "advanced": "Advanced settings", "accurate": "Accurate control on crossattn scale", "run": None}
@@ -88,7 +89,7 @@ class App:
 
     def generate(self, sketch, reference, background, sketch_mask, reference_mask, *values, progress=None):
         settings = self.checked(sketch, reference, background, sketch_mask, reference_mask, values)
-        seed = ctl.resolve_seed(settings["seed"], self.rng)
+        seed = resolve_seed(settings["seed"], self.rng)
         kwargs = ctl.to_colorize_kwargs(self.controls, settings, seed)
         if reference_mask is not None:  # an uploaded mask wins over the extractor
             kwargs["reference_mask"] = reference_mask

@@ -14,7 +14,7 @@ from cdv2.cli import colorize
 SUBCOMMANDS = {
     "convert": ("cdv2.cli.convert", "authors' torch checkpoint / preprocessor networks -> cdv2 weights directory"),
     "export": ("cdv2.cli.export", "cdv2 weights directory -> authors' safetensors"),
-    "demo": ("cdv2.demo", "the built-in model on held-out synthetic sketches (--train: train it here)"),
+    "demo": ("cdv2.cli.demo", "the built-in model on held-out synthetic sketches (--train: train it here)"),
     "train": ("cdv2.cli.train", "train a stage (python -m cdv2.train)"),
     "app": ("cdv2.cli.app", "the colorization UI in a browser (needs the `app` extra)"),
     "eval": ("cdv2.cli.eval", "the paper's evaluation: PSNR, MS-SSIM, CLIP similarity, FID (python -m cdv2.eval)"),

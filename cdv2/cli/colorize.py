@@ -182,9 +182,10 @@ def run(args) -> int:
     if not args.weights and len(missing) == 3:  # nothing given at all: the built-in demo
         print("no --weights given: running the built-in demo (a tiny model trained here on synthetic data).\n"
               "To colorize your own sketches with the authors' model:\n" + HOW_TO_GET_WEIGHTS + "\n", flush=True)
-        from cdv2.demo import demo_parser, run_demo
+        from cdv2.cli.demo import build_parser
+        from cdv2.demo import run_demo
 
-        run_demo(demo_parser().parse_args(["--out", args.demo_out, "--seed", str(args.seed)]))
+        run_demo(build_parser().parse_args(["--out", args.demo_out, "--seed", str(args.seed)]))
         return 0
     if not args.weights:
         print("error: no weights given (--weights).\n\n" + HOW_TO_GET_WEIGHTS

@@ -191,15 +191,12 @@ class UNet(nn.Module):
                               reference_scales=reference_scales, attention_impl=self.attention_impl,
                               dtype=d, param_dtype=pd, remat=self.remat, injection=injection, bank_out=bank_out)
         n_enc = sum(b.attention for b in input_layout(cfg))
-        h = hs[-1]
-        ch = h.shape[-1]
-        heads = ch // cfg.num_head_channels
         res, st = remat_block(ResBlock, self.remat), remat_block(SpatialTransformer, self.remat)
-        h = res(ch, d, pd, name="middle_block_0")(h, emb)
-        h = st(ch, heads, cfg.transformer_depth, 0, self.attention_impl, d, pd,
-                               name="middle_block_1")(h, context, _layer_scale(reference_scales, n_enc),
-                                                      split(False, False),
-                                                      **_bank_kwargs(cfg, injection, bank_out, n_enc))
+        ch = hs[-1].shape[-1]
+        h = res(ch, d, pd, name="middle_block_0")(hs[-1], emb)
+        h = st(ch, ch // cfg.num_head_channels, cfg.transformer_depth, 0, self.attention_impl, d, pd,
+               name="middle_block_1")(h, context, _layer_scale(reference_scales, n_enc), split(False, False),
+                                      **_bank_kwargs(cfg, injection, bank_out, n_enc))
         h = _collect(h, bank_out)
         h = res(ch, d, pd, name="middle_block_2")(h, emb)
 
@@ -208,13 +205,9 @@ class UNet(nn.Module):
             i = blk.index
             skip = hs.pop()
             if cfg.warp_module and (hs_bg is not None or self.is_initializing()):
-                warp = remat_block(SelfTransformerBlock, self.remat)(blk.skip_channels, cfg.warp_head_dim, self.attention_impl, d, pd, name=f"warp_modules_{i}")
-                bg_tokens = hs_bg[i] if hs_bg is not None else skip.reshape(skip.shape[0], -1, skip.shape[-1])
-                bg_path = warp(skip, bg_tokens)
-                if mask is not None and hs_bg is not None:
-                    m = resize_bicubic(mask, skip.shape[1:3])
-                    thr = jnp.asarray(threshold, jnp.float32).reshape(-1, 1, 1, 1)
-                    skip = jnp.where(m > thr, skip, bg_path.astype(skip.dtype))
+                warp = remat_block(SelfTransformerBlock, self.remat)(
+                    blk.skip_channels, cfg.warp_head_dim, self.attention_impl, d, pd, name=f"warp_modules_{i}")
+                skip = _inject_background(warp, skip, None if hs_bg is None else hs_bg[i], mask, threshold)
             elif hs_bg is not None:
                 raise ValueError("hs_bg given but this U-Net has no warp modules")
             h = jnp.concatenate([h, skip.astype(h.dtype)], axis=-1)
@@ -222,7 +215,7 @@ class UNet(nn.Module):
             sub = 1
             if blk.attention:
                 h = st(blk.channels, blk.channels // cfg.num_head_channels, cfg.transformer_depth,
-                                       cfg.lora_rank, self.attention_impl, d, pd, name=f"output_blocks_{i}_1")(
+                       cfg.lora_rank, self.attention_impl, d, pd, name=f"output_blocks_{i}_1")(
                     h, context, _layer_scale(reference_scales, attn_idx), split(True, use_lora),
                     **_bank_kwargs(cfg, injection, bank_out, attn_idx))
                 h = _collect(h, bank_out)
@@ -241,6 +234,19 @@ class UNet(nn.Module):
         if write_bank:
             return h.astype(jnp.float32), tuple(bank_out)
         return h.astype(jnp.float32)
+
+
+def _inject_background(warp, skip, bg_tokens, mask, threshold):
+    """Background injection into one skip connection: the warp block attends from the skip to the
+    bg encoder's tokens (its own tokens at init); where the sketch mask is below the threshold the
+    skip is replaced by that background path."""
+    own = skip.reshape(skip.shape[0], -1, skip.shape[-1])
+    bg_path = warp(skip, own if bg_tokens is None else bg_tokens)
+    if mask is None or bg_tokens is None:
+        return skip
+    m = resize_bicubic(mask, skip.shape[1:3])
+    thr = jnp.asarray(threshold, jnp.float32).reshape(-1, 1, 1, 1)
+    return jnp.where(m > thr, skip, bg_path.astype(skip.dtype))
 
 
 def _style_modulate(h, style_vec, emb, channels: int, param_dtype, prefix: str):

@@ -15,7 +15,6 @@ preprocessor use the app's networks when `from_pretrained(..., preprocessors=DIR
 """
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -36,9 +35,9 @@ from cdv2.sample.manipulation import DEFAULT_THRESHOLDS, Manipulation, app_manip
 from cdv2.sample.pipeline import Guidance, Pipeline
 from cdv2.sample.preprocessors import Preprocessors
 from cdv2.sample.scales import reference_scales
+from cdv2.sample.seeds import injection_key, resolve_seed, seed_keys
+from cdv2.weights.dtypes import compute_dtype, compute_dtype_name
 
-DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
-MAX_APP_SEED = 429496729  # the authors' MAXM_INT32: seed -1 draws from [0, this]
 MaskFn = Callable[[np.ndarray], np.ndarray]  # uint8 (h, w, 3) -> (h, w) float mask in [0, 1]
 REFERENCE_MASK_METHODS = ("rmbg-v2", "isnet", "estimate")  # the app's extractors + cdv2's estimate
 
@@ -58,28 +57,6 @@ def _noise(key, shape):
 
 
 _noise_jit = jax.jit(_noise, static_argnums=1)
-
-
-def resolve_seed(seed: int) -> int:
-    """The app's seed rule: -1 draws a random seed in [0, 429496729]; others are used as given."""
-    seed = int(seed)
-    if seed == -1:
-        return random.randint(0, MAX_APP_SEED)
-    if not 0 <= seed < 2 ** 32:
-        raise ValueError(f"seed must be -1 (random) or in [0, 2**32), got {seed}")
-    return seed
-
-
-def seed_keys(seed: int):
-    """(x_T key, VAE posterior key, sampler key) of a seed. x_T = one N(0,1) draw of shape
-    (num_images, h, w, 4): rows differ, as the authors' one randn(bs, ...)."""
-    key = jax.random.key(seed)
-    return key, jax.random.fold_in(key, 1), jax.random.fold_in(key, 2)
-
-
-def injection_key(seed: int):
-    """The key of attention injection's q_sample draws (call k: fold_in(this, k))."""
-    return jax.random.fold_in(jax.random.key(seed), 3)
 
 
 def _mask_method(value) -> Optional[str]:
@@ -108,7 +85,7 @@ class Colorizer:
         self._text_params = None if text is None else jax.tree_util.tree_map(jnp.asarray, text)
         self._text_tower_file = text_tower_file
         self._encode_text = None
-        self.pipeline = Pipeline(config, dtype=DTYPES[dtype], attention_impl=attention_impl)
+        self.pipeline = Pipeline(config, dtype=compute_dtype(dtype), attention_impl=attention_impl)
         self.mask_extractor = mask_extractor
         self.preprocessors = preprocessors if preprocessors is not None else Preprocessors.empty()
         self.last_seed: Optional[int] = None  # the seed of the last `colorize` (the app's "Reuse Seed")
@@ -313,16 +290,9 @@ class Colorizer:
         deterministic_batch_seed: the app's option: every batch row gets the same draws of the
         Brownian-tree samplers (DPM++ SDE family); other samplers are unaffected, as in the app.
         output: "pil" (list of images, 8-bit) or "array" ((num_images, H, W, 3) float32, unclamped)."""
-        if steps < 1 or num_images < 1:
-            raise ValueError("steps and num_images must be >= 1")
-        if output not in ("pil", "array"):
-            raise ValueError(f"output must be 'pil' or 'array', got {output!r}")
+        _check_request(steps, num_images, output, reference_mask)
         modes = _modes(mode, dict(style_enhance=style_enhance, background_enhance=background_enhance,
                                   foreground_enhance=foreground_enhance, attention_injection=attention_injection))
-        if isinstance(reference_mask, str) and _mask_method(reference_mask) is None and not _looks_like_path(
-                reference_mask):
-            raise ValueError(f"reference_mask must be an image, an existing file or one of "
-                             f"{REFERENCE_MASK_METHODS}, got {reference_mask!r}")
         manips = app_manipulations(prompt, target_prompt, anchor_prompt, control_prompt, target_scale, thresholds,
                                    enhance_manipulation, manipulations)
         if karras is not None:  # the first API's flag
@@ -337,8 +307,6 @@ class Colorizer:
         seed = resolve_seed(seed)
         self.last_seed = seed
         k_noise, k_vae, k_sampler = seed_keys(seed)
-        H, W = prep.size
-        lat_shape = (num_images, H // 8, W // 8, self.config.unet.in_channels)
         branches = branches_for(reference_guidance, sketch_guidance)
         strengths = Strengths(control_scale=sketch_strength, mask_scale=background_factor, merge_scale=merge_scale,
                               reference_mask_threshold=reference_mask_threshold,
@@ -350,9 +318,7 @@ class Colorizer:
         conds, _ = self.pipeline.prepare(self.params, mi, strengths, mode=modes, branches=branches,
                                          num_images=num_images, posterior=posterior, vae_noise=vae_noise,
                                          vae_rng=k_vae if vae_noise is None else None, reference_tokens=tokens)
-        noise = _noise_jit(k_noise, lat_shape) if initial_noise is None else jnp.asarray(initial_noise, jnp.float32)
-        if noise.shape != lat_shape:
-            raise ValueError(f"initial_noise must have shape {lat_shape} (num_images, H/8, W/8, 4), got {noise.shape}")
+        noise = self._initial_noise(k_noise, prep.size, num_images, initial_noise)
         scales = reference_scales(reference_strength, encoder_scale=encoder_scale, middle_scale=middle_scale,
                                   low_scale=low_scale, per_layer=per_layer_scales,
                                   authors_layer_mapping=authors_layer_mapping)
@@ -374,10 +340,16 @@ class Colorizer:
         if remove_background_in_result:
             method = _mask_method(reference_mask)
             x = np.stack([self.remove_background(im, reference_mask_threshold, method=method) for im in x])
-        if output == "array":
-            return pre.crop_to_box(x, prep.box) if crop else x
-        images = pre.to_pil(x)
-        return [pre.crop_to_box(im, prep.box) for im in images] if crop else images
+        return _deliver(x, prep.box if crop else None, output)
+
+    def _initial_noise(self, key, size: tuple[int, int], num_images: int, given=None):
+        """x_T: the seed's draw, or `given` (checked against the latent shape)."""
+        H, W = size
+        shape = (num_images, H // 8, W // 8, self.config.unet.in_channels)
+        noise = _noise_jit(key, shape) if given is None else jnp.asarray(given, jnp.float32)
+        if noise.shape != shape:
+            raise ValueError(f"initial_noise must have shape {shape} (num_images, H/8, W/8, 4), got {noise.shape}")
+        return noise
 
     def remove_background(self, image: np.ndarray, threshold: float = 0.5, method: Optional[str] = None) -> np.ndarray:
         """The app's "Remove background in result": whiten (H, W, 3) [-1, 1] pixels whose character
@@ -385,6 +357,26 @@ class Colorizer:
         image = np.asarray(image, np.float32)
         m = self._reference_mask(pre.to_uint8(image), None, dilate=False, method=method, image=image[None])[0]
         return np.where(m >= threshold, image, 1.0).astype(np.float32)
+
+
+def _check_request(steps: int, num_images: int, output: str, reference_mask) -> None:
+    """Refuse bad arguments of `colorize` before any work."""
+    if steps < 1 or num_images < 1:
+        raise ValueError("steps and num_images must be >= 1")
+    if output not in ("pil", "array"):
+        raise ValueError(f"output must be 'pil' or 'array', got {output!r}")
+    if isinstance(reference_mask, str) and _mask_method(reference_mask) is None and not _looks_like_path(
+            reference_mask):
+        raise ValueError(f"reference_mask must be an image, an existing file or one of "
+                         f"{REFERENCE_MASK_METHODS}, got {reference_mask!r}")
+
+
+def _deliver(x: np.ndarray, box, output: str):
+    """(n, H, W, 3) [-1, 1] -> float arrays or PIL images, cropped to `box` (the sketch's area) if given."""
+    if output == "array":
+        return x if box is None else pre.crop_to_box(x, box)
+    images = pre.to_pil(x)
+    return images if box is None else [pre.crop_to_box(im, box) for im in images]
 
 
 def _modes(mode, flags: dict) -> Modes:
@@ -400,17 +392,6 @@ def _looks_like_path(value: str) -> bool:
     import os
 
     return os.path.exists(value)
-
-
-def compute_dtype_name(dtype: str) -> str:
-    """"float32" | "bfloat16" (or their short names) | "auto" = bf16 on GPU/TPU, fp32 on CPU."""
-    if dtype == "auto":
-        from cdv2.weights.dtypes import auto_dtype
-
-        return "bfloat16" if auto_dtype() != np.dtype(np.float32) else "float32"
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
-    return {"fp32": "float32", "bf16": "bfloat16"}.get(dtype, dtype)
 
 
 def _pad_rgb(a: np.ndarray, pad_scale: float, fill=255, dtype=np.uint8) -> np.ndarray:

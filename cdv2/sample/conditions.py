@@ -195,17 +195,11 @@ def prepare_conditions(comps: Components, params, mi: ModelInputs, strengths: St
     control, uc_control = cb.sketch_hints(comps, params, mi.sketch, strengths.control_scale)
     debug = {"clip_tokens": e, "control": control, "y_reference": y_ref}
     has_bg_image = mi.background_vae is not None
-
-    def bg_image_parts():
-        z = cb.vae_latent(comps, params, mi.background_vae, vae_noise.get("background"))
-        return z, cb.clip_tokens(comps, params, mi.background_clip, squashed=True), \
-            cb.size_condition(comps, mi.background_ratios)
-
     e_bg = z_bg = y_bg = style_vecs = hs_bg = None
     if modes.style:
         z_ref = cb.vae_latent(comps, params, mi.reference_vae, vae_noise.get("reference"))
         if has_bg_image:  # reference and background through the style encoder together, then mixed
-            z_bg, e_bg, y_bg = bg_image_parts()
+            z_bg, e_bg, y_bg = _background_image_parts(comps, params, mi, vae_noise)
             style_vecs = cb.merged_style_vectors(comps, params, z_ref, y_ref, e, z_bg, y_bg, e_bg,
                                                  strengths.merge_scale)
         else:
@@ -213,19 +207,7 @@ def prepare_conditions(comps: Components, params, mi: ModelInputs, strengths: St
         debug.update(z_reference=z_ref, style_out=style_vecs)
 
     if modes.background:
-        if mi.sketch_mask is None:
-            raise ValueError("background enhancement needs a sketch mask")
-        if z_bg is not None:
-            enc_context = e  # authors' quirk (NOTES (c) 8): style + background image -> context e
-        elif has_bg_image:
-            z_bg, e_bg, y_bg = bg_image_parts()
-            enc_context = e_bg
-        else:
-            if mi.masked_vae is None:
-                raise ValueError("background enhancement needs a reference mask or a background image")
-            z_bg = cb.vae_latent(comps, params, mi.masked_vae, vae_noise.get("background"))
-            e_bg = cb.clip_tokens(comps, params, mi.masked_clip, squashed=True)
-            y_bg, enc_context = y_ref, e
+        z_bg, e_bg, y_bg, enc_context = _background_inputs(comps, params, mi, e, y_ref, vae_noise, z_bg, e_bg, y_bg)
         hs_bg = cb.background_features(comps, params, z_bg, y_bg, enc_context, strengths.mask_scale)
         debug.update(z_background=z_bg, y_background=y_bg, bg_context=enc_context, bg_out=hs_bg)
 
@@ -239,30 +221,58 @@ def prepare_conditions(comps: Components, params, mi: ModelInputs, strengths: St
     if e_bg is not None:
         debug["clip_background"] = e_bg
 
+    n = len(branches) * num_images
+    injection = None
+    if modes.injection:  # after the conditions' VAE draws, as the authors' generate
+        injection = _injection_conditions(comps, params, mi, strengths, vae_noise, n)
+        debug.update(injection_latent=injection.r)
     rows = {COND: (context, control), UNCOND_REF: (jnp.zeros_like(context), control),
             UNCOND_SKETCH: (context, uc_control)}
 
     def stack(per_branch):
         return jnp.concatenate([jnp.repeat(a, num_images, axis=0) for a in per_branch], axis=0)
 
-    n = len(branches) * num_images
-    injection = None
-    if modes.injection:  # after the conditions' VAE draws, as the authors' generate
-        if mi.injection_image is None:
-            raise ValueError("attention injection needs the injection image (Inputs.injection_image)")
-        r = cb.vae_latent(comps, params, mi.injection_image, vae_noise.get("injection"))
-        hints = cb.sketch_hints(comps, params, -mi.injection_image, strengths.injection_sketch_fidelity,
-                                with_blank=False)
-        injection = InjectionConditions(r=r, write_control=tuple(jnp.repeat(h, n, axis=0) for h in hints))
-        debug.update(injection_latent=r)
+    def repeat(xs):
+        return None if xs is None else tuple(jnp.repeat(x, n, axis=0) for x in xs)
 
     conds = UNetConditions(
         context=stack([rows[b][0] for b in branches]),
         control=tuple(stack([rows[b][1][i] for b in branches]) for i in range(len(control))),
         mask=None if mask is None else jnp.repeat(mask, n, axis=0),
-        hs_bg=None if hs_bg is None else tuple(jnp.repeat(h, n, axis=0) for h in hs_bg),
-        style=None if style_vecs is None else tuple(jnp.repeat(s, n, axis=0) for s in style_vecs),
-        use_lora=modes.lora,
-        injection=injection,
-    )
+        hs_bg=repeat(hs_bg), style=repeat(style_vecs), use_lora=modes.lora, injection=injection)
     return conds, debug
+
+
+def _injection_conditions(comps: Components, params, mi: ModelInputs, strengths: Strengths, vae_noise: dict,
+                          n: int) -> InjectionConditions:
+    """Attention injection's inputs: the reference latent r and the sketch hints of the bank-writing
+    pass (the reference image's negative at the sketch fidelity), repeated over the n rows."""
+    if mi.injection_image is None:
+        raise ValueError("attention injection needs the injection image (Inputs.injection_image)")
+    r = cb.vae_latent(comps, params, mi.injection_image, vae_noise.get("injection"))
+    hints = cb.sketch_hints(comps, params, -mi.injection_image, strengths.injection_sketch_fidelity,
+                            with_blank=False)
+    return InjectionConditions(r=r, write_control=tuple(jnp.repeat(h, n, axis=0) for h in hints))
+
+
+def _background_image_parts(comps: Components, params, mi: ModelInputs, vae_noise: dict):
+    """The user's background image: its VAE latent, CLIP tokens and size condition."""
+    z = cb.vae_latent(comps, params, mi.background_vae, vae_noise.get("background"))
+    return z, cb.clip_tokens(comps, params, mi.background_clip, squashed=True), \
+        cb.size_condition(comps, mi.background_ratios)
+
+
+def _background_inputs(comps: Components, params, mi: ModelInputs, e, y_ref, vae_noise: dict, z_bg, e_bg, y_bg):
+    """(z_bg, e_bg, y_bg, context) of the background encoder: the background image's (already
+    computed by the style branch when z_bg is given), else the masked reference's."""
+    if mi.sketch_mask is None:
+        raise ValueError("background enhancement needs a sketch mask")
+    if z_bg is not None:
+        return z_bg, e_bg, y_bg, e  # authors' quirk (NOTES (c) 8): style + background image -> context e
+    if mi.background_vae is not None:
+        z_bg, e_bg, y_bg = _background_image_parts(comps, params, mi, vae_noise)
+        return z_bg, e_bg, y_bg, e_bg
+    if mi.masked_vae is None:
+        raise ValueError("background enhancement needs a reference mask or a background image")
+    z_bg = cb.vae_latent(comps, params, mi.masked_vae, vae_noise.get("background"))
+    return z_bg, cb.clip_tokens(comps, params, mi.masked_clip, squashed=True), y_ref, e

@@ -1,4 +1,5 @@
-"""Dtype names used across cdv2 (`DTYPES`), the "auto" choice, and per-tensor casts.
+"""Dtype names used across cdv2 (`DTYPES`), the compute dtypes (`COMPUTE_DTYPES`), the "auto"
+choice, and per-tensor casts.
 
 "auto" is bf16 on accelerators (GPU/TPU: half the memory, and the compute dtype there) and fp32 on
 CPU (bf16 matmuls are slow and lossy on CPU). Weights are cast one tensor at a time while they are
@@ -16,6 +17,10 @@ DTYPES = {
     "bfloat16": np.dtype(ml_dtypes.bfloat16), "bf16": np.dtype(ml_dtypes.bfloat16),
     "float16": np.dtype(np.float16), "fp16": np.dtype(np.float16),
 }
+
+# what the modules compute in (fp16 is a storage format only: its range overflows in attention)
+COMPUTE_DTYPES = ("float32", "bfloat16")
+_SHORT = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 def auto_dtype(backend: Optional[str] = None) -> np.dtype:
@@ -41,6 +46,22 @@ def resolve_dtype(dtype="auto", backend: Optional[str] = None) -> Optional[np.dt
         return np.dtype(dtype)
     except TypeError:
         raise ValueError(f"not a dtype: {dtype!r}") from None
+
+
+def compute_dtype_name(dtype: str = "auto", backend: Optional[str] = None) -> str:
+    """"float32" | "bfloat16" (or "fp32"/"bf16") | "auto" (bf16 on GPU/TPU, fp32 on CPU) -> the long name."""
+    if dtype == "auto":
+        return "bfloat16" if auto_dtype(backend) == DTYPES["bfloat16"] else "float32"
+    name = _SHORT.get(dtype, dtype)
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"compute dtype must be 'auto' or one of {sorted(COMPUTE_DTYPES + tuple(_SHORT))}, "
+                         f"got {dtype!r}")
+    return name
+
+
+def compute_dtype(dtype: str = "auto", backend: Optional[str] = None) -> np.dtype:
+    """The dtype object for a compute-dtype name (see `compute_dtype_name`); usable as a Flax `dtype`."""
+    return DTYPES[compute_dtype_name(dtype, backend)]
 
 
 def is_floating(dtype) -> bool:
