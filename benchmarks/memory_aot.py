@@ -11,7 +11,8 @@ abstract TrainState (`jax.eval_shape` of the params + optimizer state, with the 
 CLIP tokens + sketch; stage 1) of `per-device-batch x devices` samples; `make_train_step(...)
 .lower(state, batch).compile().memory_analysis()` gives the per-device sizes. Caveat: XLA:CPU's
 buffer assignment with the XLA attention path (materialised score matrices); read the result as an
-upper bound for a GPU with flash attention.
+upper bound for a GPU with flash attention. For real TPU/GPU topologies (compiled deviceless) see
+`benchmarks/aot.py`, which shares `compile_train_step` and `memory_row` with this file.
 """
 from __future__ import annotations
 
@@ -24,48 +25,9 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={_n}").strip()
 
 import argparse  # noqa: E402
-import time  # noqa: E402
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-GIB = 2 ** 30
 
 
-def compile_train_step(cfg, model_cfg, *, devices=None, size: int, per_device_batch: int, tokens: int = 256,
-                       compiler_options=None):
-    """-> (compiled, seconds) of the shipped stage train step for abstract inputs."""
-    from cdv2.model import param_shapes
-    from cdv2.train.mesh import make_mesh, train_shardings
-    from cdv2.train.stages import make_optimizer
-    from cdv2.train.step import build_components, make_train_step, train_state_shapes
-
-    devices = jax.devices() if devices is None else devices
-    mesh = make_mesh(cfg.mesh, devices)
-    opt = make_optimizer(cfg.optim, cfg.stage)
-    shapes = train_state_shapes(param_shapes(model_cfg), opt)
-    sh = train_shardings(mesh, shapes, cfg.sharding_rules, cfg.min_shard_size)
-    state = jax.tree.map(lambda s, d: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=d), shapes, sh.state)
-    b, lat = per_device_batch * len(devices), size // 8
-    clip_dim = model_cfg.unet.context_dim
-    batch = {"sketch": (b, size, size, 3), "latent": (b, lat, lat, model_cfg.unet.in_channels),
-             "clip_tokens": (b, tokens, clip_dim)}
-    batch = {k: jax.ShapeDtypeStruct(v, jnp.float32, sharding=sh.batch) for k, v in batch.items()}
-    step = make_train_step(cfg, build_components(cfg, model_cfg), opt, sh if len(devices) > 1 else None,
-                           compiler_options=compiler_options)
-    if len(devices) == 1:
-        state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), state)
-        batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
-    t0 = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
-    return compiled, time.perf_counter() - t0
-
-
-def memory_row(compiled) -> dict:
-    m = compiled.memory_analysis()
-    sizes = {k: int(getattr(m, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp")}
-    sizes["total"] = sizes["argument"] + sizes["output"] - sizes["alias"] + sizes["temp"]
-    return sizes
+from benchmarks.aot import GIB, compile_train_step, memory_row  # noqa: E402,F401 (shared with the topology AOT)
 
 
 def main(argv=None):

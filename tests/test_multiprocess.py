@@ -31,7 +31,7 @@ TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 DEVICES_PER_PROCESS = 2
 STEPS = 4
-RUN_TIMEOUT_S = 900   # generous: a loaded 2-core machine; an idle one needs ~1 min per run
+RUN_TIMEOUT_S = 1800  # generous: on a 2-core box shared at load 20-40 the first compile alone took >15 min
 
 
 # --- worker (a separate process; jax is configured before it is imported) ------------------------
@@ -72,10 +72,25 @@ def _concat_shards_iterator(cfg, root):
     return Both()
 
 
+def _exit_with_parent() -> None:
+    """A worker outlives no test run: if the harness dies (killed, interrupted), the worker exits."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(3)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _worker(args: dict) -> None:
     import faulthandler
 
-    faulthandler.dump_traceback_later(int(os.environ.get("DUMP_AFTER", int(os.environ.get("DUMP_AFTER", int(os.environ.get("DUMP_AFTER", RUN_TIMEOUT_S - 20)))))), exit=True)   # a hang shows where it is
+    _exit_with_parent()
+    faulthandler.dump_traceback_later(RUN_TIMEOUT_S - 20, exit=True)   # a hang shows where it is
     import jax
 
     jax.config.update("jax_compilation_cache_dir", args["cache"])
@@ -101,7 +116,9 @@ def _worker(args: dict) -> None:
         if pid == 1 and step == args.get("sigterm_at"):
             os.kill(os.getpid(), signal.SIGTERM)
 
-    params = None if args.get("resume") else random_params(load_model_config(cfg.model))
+    # the same in-memory start params on a resume too: checkpoints hold only the trained params and
+    # take the frozen ones from the run's recorded source (here: these params, fingerprint-checked)
+    params = random_params(load_model_config(cfg.model))
     r = loop.train(cfg, loop.RunOptions(data_root=args["data"], workdir=args["workdir"], max_steps=args["steps"],
                                         progress=False, compiler_options=FAST_COMPILE), params=params, on_sample=hook)
     out = {"process": jax.process_index(), "processes": jax.process_count(), "devices": jax.device_count(),
@@ -122,7 +139,10 @@ def _free_port() -> int:
 
 
 def _env(num_processes: int, process_id: int, port: int, devices: int) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    # a generous heartbeat timeout: on a shared, overloaded 2-core box a heartbeat thread can starve
+    # for minutes (the harness, not the heartbeat, detects dead processes here)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", CDV2_HEARTBEAT_TIMEOUT_S="600",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                PYTHONPATH=os.pathsep.join([str(REPO), str(TESTS), os.environ.get("PYTHONPATH", "")]))
     for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         env.pop(k, None)
@@ -150,21 +170,25 @@ class Job:
     def wait(self, timeout: float = RUN_TIMEOUT_S) -> list:
         deadline = time.time() + timeout
         try:
-            for p in self.procs:
-                p.wait(timeout=max(1.0, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            self.reap()
-            pytest.fail(f"{self.name}: still running after {timeout:.0f} s\n{self.log_tail()}")
+            while any(p.poll() is None for p in self.procs):
+                if any(p.poll() not in (None, 0) for p in self.procs):
+                    break           # one failed: the others would only wait in a collective; stop them
+                if time.time() > deadline:
+                    self.reap()
+                    pytest.fail(f"{self.name}: still running after {timeout:.0f} s\n{self.log_tail()}")
+                time.sleep(0.2)
         finally:
             self.reap()
         codes = [p.returncode for p in self.procs]
         assert codes == [0] * len(codes), f"{self.name}: exit codes {codes}\n{self.log_tail()}"
         return [json.loads(Path(self.args["result"] + f".p{i}.json").read_text()) for i in range(len(self.procs))]
 
-    def wait_for(self, predicate, timeout: float = RUN_TIMEOUT_S, what: str = "") -> None:
+    def wait_for(self, predicate, timeout: float = RUN_TIMEOUT_S, what: str = "", alive=None) -> None:
+        """Poll `predicate` while the processes `alive` (indices; default all) keep running."""
         deadline = time.time() + timeout
+        watched = [self.procs[i] for i in (range(len(self.procs)) if alive is None else alive)]
         while not predicate():
-            if time.time() > deadline or any(p.poll() is not None for p in self.procs):
+            if time.time() > deadline or any(p.poll() is not None for p in watched):
                 self.reap()
                 pytest.fail(f"{self.name}: gave up waiting for {what}\n{self.log_tail()}")
             time.sleep(0.2)
@@ -245,14 +269,16 @@ def test_two_processes_equal_one_process_with_the_same_devices(setup, two_proces
         assert (state["config"]["shard_index"], state["config"]["shard_count"]) == (i, 2)
 
 
-@pytest.mark.skip(reason="not yet passing: in the one run so far process 0 exited before process 1 "
-                         "reached its pause at step 3 (harness or loop issue, to be debugged)")
+@pytest.mark.skipif(os.environ.get("CDV2_MP_SIGKILL") != "1",
+                    reason="passed once (bit-identical resume); not yet twice with the latest harness (heartbeat "
+                           "timeout, replica-parallel threshold): run with CDV2_MP_SIGKILL=1, then drop this mark")
 def test_sigkill_then_restart_repeats_the_uninterrupted_run(setup, two_process_run):
     (straight, _), straight_params, _ = two_process_run
     job = _run(setup, "killed", 2, DEVICES_PER_PROCESS, pause_at=3)
     ckpt2 = Path(job.args["workdir"]) / "checkpoints" / "2"
+    # process 0 may fail meanwhile (its step 4 waits in a collective for the stalled process 1)
     job.wait_for(lambda: (job.progress / "p1_step3").exists() and (ckpt2 / "_CHECKPOINT_METADATA").exists(),
-                 what="step 3 and the step-2 checkpoint")
+                 what="step 3 and the step-2 checkpoint", alive=[1])
     job.procs[1].send_signal(signal.SIGKILL)                # one process dies mid-run
     job.procs[1].wait()
     job.reap()                                               # ... and the job is restarted as a whole
@@ -264,7 +290,6 @@ def test_sigkill_then_restart_repeats_the_uninterrupted_run(setup, two_process_r
     assert all(np.array_equal(params[k], straight_params[k]) for k in straight_params)
 
 
-@pytest.mark.skip(reason="not yet run to completion (machine time ran out); enable and run")
 def test_sigterm_to_one_process_stops_both_at_the_same_step(setup):
     job = _run(setup, "term", 2, DEVICES_PER_PROCESS, steps=12, sigterm_at=2)
     r0, r1 = job.wait()

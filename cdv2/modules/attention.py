@@ -18,7 +18,7 @@ import jax.numpy as jnp
 Dtype = Any
 
 
-IMPLEMENTATIONS = (None, "xla", "chunked", "cudnn", "library")
+IMPLEMENTATIONS = (None, "xla", "chunked", "cudnn", "library", "pallas")
 
 
 def multihead_attention(q, k, v, heads: int, implementation: Optional[str] = None, causal: bool = False):
@@ -29,11 +29,14 @@ def multihead_attention(q, k, v, heads: int, implementation: Optional[str] = Non
     `implementation` (all exact, the same mathematics): None or "xla" = `xla_attention`;
     "chunked" = `chunked_xla_attention` (CPU); "cudnn" = `jax.nn.dot_product_attention`'s cuDNN
     flash attention (GPU, fp16/bf16); "library" = `jax.nn.dot_product_attention`'s XLA path.
+    "pallas" = `pallas_tpu_attention`, TPU flash attention (no N x M scores in HBM; causal: "xla").
     `cdv2.model.resolve_attention` picks one per backend."""
     if implementation in (None, "xla") or (causal and implementation == "chunked"):
         return xla_attention(q, k, v, heads, causal)
     if implementation == "chunked":
         return chunked_xla_attention(q, k, v, heads)
+    if implementation == "pallas" and not causal:
+        return pallas_tpu_attention(q, k, v, heads)
     if implementation not in ("cudnn", "library"):
         raise ValueError(f"unknown attention implementation {implementation!r}; one of {IMPLEMENTATIONS}")
     b, n, c = q.shape
@@ -78,6 +81,47 @@ def chunked_xla_attention(q, k, v, heads: int, block_bytes: int = 5 << 20):
         out = jax.lax.map(attend, qh.reshape(g, n // block, block, d).transpose(1, 0, 2, 3))
         out = out.transpose(1, 0, 2, 3)
     return out.astype(q.dtype).reshape(b, heads, n, d).transpose(0, 2, 1, 3).reshape(b, n, c)
+
+
+def _flash_block(n: int) -> Optional[int]:
+    """The largest of 512/256/128 that divides a sequence length (the kernel's tiles are multiples
+    of 128), else None."""
+    return next((b for b in (512, 256, 128) if n % b == 0), None)
+
+
+def pallas_tpu_attention(q, k, v, heads: int):
+    """Exact softmax attention by JAX's Pallas TPU flash-attention kernel (forward and backward;
+    fp32 softmax statistics inside): TPU only (on CPU it runs under
+    `jax.experimental.pallas.tpu.force_tpu_interpret_mode()`, for tests).
+
+    A Pallas kernel is a custom call that XLA's SPMD partitioner cannot split: under a mesh set with
+    `jax.set_mesh(mesh)` the batch is mapped over every mesh axis by `jax.shard_map` (each device
+    attends its own samples); without one the kernel sees the whole batch. Sequence lengths that are
+    not multiples of 128 (the U-Net's 24x24 and 12x12 levels at 768 px: small score matrices) use
+    `xla_attention`."""
+    from jax.experimental.pallas.ops.tpu.flash_attention import BlockSizes, flash_attention
+    from jax.sharding import PartitionSpec
+
+    n, m, c = q.shape[1], k.shape[1], q.shape[2]
+    d = c // heads
+    bq, bk = _flash_block(n), _flash_block(m)
+    if bq is None or bk is None:
+        return xla_attention(q, k, v, heads)
+    blocks = BlockSizes(block_q=bq, block_k_major=bk, block_k=bk, block_b=1, block_q_major_dkv=bq,
+                        block_k_major_dkv=bk, block_k_dkv=bk, block_q_dkv=bq, block_k_major_dq=bk,
+                        block_k_dq=bk, block_q_dq=bq)
+
+    def attend(q, k, v):
+        b = q.shape[0]
+        split = lambda a: a.reshape(b, a.shape[1], heads, d).transpose(0, 2, 1, 3)  # noqa: E731
+        out = flash_attention(split(q), split(k), split(v), sm_scale=d ** -0.5, block_sizes=blocks)
+        return out.astype(q.dtype).transpose(0, 2, 1, 3).reshape(b, n, c)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or q.shape[0] % mesh.size:
+        return attend(q, k, v)
+    spec = PartitionSpec(tuple(mesh.axis_names))
+    return jax.shard_map(attend, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
 
 
 def xla_attention(q, k, v, heads: int, causal: bool = False):

@@ -14,9 +14,9 @@ from typing import Any, Mapping, Optional, Union
 
 from cdv2.config import CONFIG_DIR, from_dict, load_config
 from cdv2.modules.unet import REMAT_POLICIES
+from cdv2.weights.dtypes import COMPUTE_DTYPES
 
 TRAIN_CONFIG_DIR = CONFIG_DIR / "train"
-COMPUTE_DTYPES = ("float32", "bfloat16")
 
 # One sharding rule: (regex searched in the "/"-joined param path, spec). A spec is a list with one
 # entry per array dim (None, a mesh axis name, or a list of axis names), or the string "auto"
@@ -55,6 +55,24 @@ class DataConfig:
     resolution: int = 768             # training resolution (collate buckets)
     multiple: int = 64                # bucket sides are multiples of this (64 keeps latents /8 divisible)
     workers: Optional[int] = None     # grain worker processes; None = the CPU count, 0 = in-process
+    cached: Optional[str] = None      # latent cache dir (tools/cache_latents.py): VAE moments / CLIP tokens read, not computed
+
+
+@dataclasses.dataclass(frozen=True)
+class InitConfig:
+    """Pretrained starting weights when `init_from` is null (cdv2.weights.sd21_init): the U-Net base
+    and VAE from SD2.1-768-v (`sd21`: v2-1_768-ema-pruned.safetensors/.ckpt, or `diffusers`: a
+    diffusers SD2.1 folder), the CLIP image tower from `open_clip` (ViT-H-14 open_clip_pytorch_model.bin),
+    new modules as the authors initialise them. All null: a random init (tiny configs, tests)."""
+
+    sd21: Optional[str] = None
+    diffusers: Optional[str] = None
+    open_clip: Optional[str] = None
+    ema: bool = False                 # sd21 only: the U-Net from its model_ema.* copies
+
+    @property
+    def given(self) -> bool:
+        return bool(self.sd21 or self.diffusers or self.open_clip)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +118,7 @@ class TrainConfig:
     log_every: int = 1000             # options.py --print_freq
     sample_every: int = 0             # options.py --log_img_step (None); 0 = never
     init_from: Optional[str] = None   # weights dir to start from (stage 2 starts from stage 1, ...)
+    init: InitConfig = InitConfig()   # stage 1 from SD2.1 + open_clip when init_from is null
     seed: int = 0
 
     def __post_init__(self):
@@ -115,6 +134,8 @@ class TrainConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.data.workers is not None and self.data.workers < 0:
             raise ValueError(f"data.workers must be >= 0 (or null: the CPU count), got {self.data.workers}")
+        if self.init_from and self.init.given:
+            raise ValueError("give either init_from (a cdv2 weights dir / the authors' file) or init.* (SD2.1), not both")
         if not 0.0 <= self.thresh_min <= self.thresh_max <= 1.0:
             raise ValueError("need 0 <= thresh_min <= thresh_max <= 1")
 

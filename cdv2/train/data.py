@@ -26,6 +26,8 @@ k-th batch of every host starts at the same stream position: the aspect bucket, 
 needs. Randomness is a pure function of (seed, shard, stream position), so two iterators built
 alike give identical batches, and grain's iterator state (plus the skip log) restores a run
 mid-stream.
+Cached mode (`cache=DIR`, `cdv2.train.latent_cache`): crops come from the cache's fixed crop
+generators and batches also carry the cached VAE posterior moments / CLIP tokens.
 With worker_count > 0 the batches are still deterministic but differ from worker_count = 0 (grain
 slices the stream across workers before filtering/batching), so a state only restores into a
 pipeline with the same worker_count.
@@ -226,7 +228,7 @@ class _Collate:
 
 # Arguments that define the batch stream; a saved state only restores into an equal pipeline.
 _STREAM_KEYS = ("batch_size", "seed", "resolution", "multiple", "collate", "worker_count",
-                "shard_index", "shard_count", "num_epochs", "shuffle")
+                "shard_index", "shard_count", "num_epochs", "shuffle", "cache_inputs")
 
 
 class TrainIterator:
@@ -282,6 +284,8 @@ def make_train_iterator(
     read_threads: int = 4,
     prefetch: int | None = None,
     return_names: bool = False,
+    cache: str | os.PathLike | None = None,
+    cache_inputs: tuple | list | None = None,
 ) -> TrainIterator:
     """Batches of `batch_size` (all one bucket) as dicts of float32 NHWC numpy arrays `image`,
     `sketch`, `reference`, `smask`, `rmask` and `size` (B, 2) = original (h, w).
@@ -289,11 +293,20 @@ def make_train_iterator(
     `collate` overrides the sizes that `resolution`/`multiple` derive
     (`CollateConfig.for_resolution`). `prefetch` is the reader threads' look-ahead in records
     (default 2 batches). `return_names` adds `name` (B,) (the member names, for debugging).
-    The last incomplete batch of a finite run is dropped."""
+    The last incomplete batch of a finite run is dropped.
+    `cache`: a latent cache directory (`cdv2.train.latent_cache`): crops come from its fixed crop
+    generators and the batches also carry the cached `cache_inputs` (default: all it holds), e.g.
+    `latent_moments` and `clip_tokens`; a stale cache raises `StaleCacheError`."""
     if not 0 <= seed < 2**32:
         raise ValueError(f"seed must be in [0, 2**32), got {seed}")
     cfg = collate or CollateConfig.for_resolution(resolution, multiple)
-    source = QuartetSource(root)
+    if cache is not None:
+        from cdv2.train import latent_cache as lc
+
+        source = lc.cached_source(root, cache, cfg)
+        cache_inputs = list(source.cache.inputs if cache_inputs is None else cache_inputs)
+    else:
+        source = QuartetSource(root)
     shard = grain.sharding.ShardOptions(shard_index, shard_count, drop_remainder=True)
     start, end = shard_bounds(len(source), shard)
     if end - start < batch_size:
@@ -306,8 +319,9 @@ def make_train_iterator(
     n_read = prefetch if prefetch is not None else 2 * batch_size
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=min(read_threads, n_read) or 1,
                                               prefetch_buffer_size=n_read))
-    ds = ds.batch(batch_size, drop_remainder=True,
-                  batch_fn=_Collate(cfg, seed, shard_index, end - start, return_names))
+    batch_fn = (_Collate(cfg, seed, shard_index, end - start, return_names) if cache is None else
+                lc.CachedCollate(cfg, seed, shard_index, end - start, return_names, source.cache, cache_inputs))
+    ds = ds.batch(batch_size, drop_remainder=True, batch_fn=batch_fn)
     if worker_count > 0:
         _absl_flags_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
@@ -316,7 +330,8 @@ def make_train_iterator(
               "collate": dataclasses.asdict(cfg), "worker_count": worker_count,
               "shard_index": shard_index, "shard_count": shard_count, "num_epochs": num_epochs,
               "shuffle": shuffle, "read_threads": read_threads, "prefetch": prefetch,
-              "return_names": return_names}
+              "return_names": return_names, "cache": None if cache is None else str(cache),
+              "cache_inputs": cache_inputs}
     config = json.loads(json.dumps(config))          # the form it has after a JSON round trip
     return TrainIterator(iter(ds), source, config)
 
@@ -354,3 +369,16 @@ def _collate_from_dict(d: dict) -> CollateConfig:
     if d.get("mask_expansion_size") is not None:
         d["mask_expansion_size"] = tuple(d["mask_expansion_size"])
     return CollateConfig(**d)
+
+
+def describe_batch(batch_size: int, grad_accum_steps: int, devices: int) -> str:
+    """The start-of-run batch line: per-device batch x devices x accumulation = global batch per
+    optimizer update. `batch_size` is the config's (global, per train_step call) batch; it must
+    split evenly over the devices the batch is sharded on."""
+    if batch_size % devices:
+        raise ValueError(f"batch_size {batch_size} does not split over {devices} devices: set batch_size to a "
+                         f"multiple of {devices} (it is the global batch of one step; e.g. "
+                         f"{devices * max(1, batch_size // devices)} = {max(1, batch_size // devices)} per device)")
+    per = batch_size // devices
+    return (f"batch: {per} per device x {devices} devices x {grad_accum_steps} accumulation steps = "
+            f"global batch {per * devices * grad_accum_steps} per optimizer update")

@@ -1,8 +1,10 @@
 """The training loop: data -> sharded jitted step -> metrics, checkpoints, sample grids; resumable.
 
-Resume restores params, optimizer state, step and RNG (the TrainState, straight into its sharded
-abstract form: no initial weights are built or loaded first) and each process's data-iterator
-position, so a run killed and restarted continues with the identical batches and losses.
+Resume restores the trained params, optimizer state, step and RNG (straight into their sharded
+abstract form) and each process's data-iterator position, so a run killed and restarted continues
+with the identical batches and losses. Checkpoints hold only what the stage trains: the frozen params
+are reloaded from the source recorded with each checkpoint (the `init_from` weights dir, the SD2.1
+init, the random init's seed, or in-memory params passed again), checked by a content fingerprint.
 
 Multi-process: every decision that makes processes act differently is collective. Checkpoint
 cadence is a function of the step; stopping (SIGTERM, the time budget) is each process's flag
@@ -24,12 +26,14 @@ from tqdm import tqdm
 
 from cdv2.config import ModelConfig, load_model_config, plain_data
 from cdv2.model import init_params, param_shapes
-from cdv2.train.checkpoint import Checkpointer
+from cdv2.train.checkpoint import Checkpointer, frozen_record, load_frozen_source
 from cdv2.train.config import TrainConfig
-from cdv2.train.data import QuartetSource, TrainIterator, make_train_iterator
+from cdv2.train.distributed import CompileThenSync
+from cdv2.train.data import QuartetSource, TrainIterator, describe_batch, make_train_iterator
+from cdv2.train.latent_cache import check_cache_weights, describe as describe_cache, plan as cache_plan
 from cdv2.train.feedback import MetricsWriter
 from cdv2.train.mesh import make_mesh, maybe_initialize_distributed, shard_batch, train_shardings
-from cdv2.train.stages import make_optimizer
+from cdv2.train.stages import is_trainable, make_optimizer, split_trainable
 from cdv2.train.step import STOP_KEY, build_components, create_train_state, make_train_step, train_state_shapes
 
 
@@ -84,19 +88,32 @@ def check_run(cfg: TrainConfig, opts: RunOptions, process_count: Optional[int] =
 def data_iterator(cfg: TrainConfig, root) -> TrainIterator:
     """This process's shard of the global batch stream (`cfg.data`; workers None = the CPU count)."""
     workers = cfg.data.workers if cfg.data.workers is not None else (os.cpu_count() or 1)
+    inputs = cached_inputs(cfg)  # none usable: the plain (randomly cropped) pipeline
     return make_train_iterator(root, batch_size=cfg.batch_size // jax.process_count(), seed=cfg.seed,
                                resolution=cfg.data.resolution, multiple=cfg.data.multiple, worker_count=workers,
-                               shard_index=jax.process_index(), shard_count=jax.process_count())
+                               shard_index=jax.process_index(), shard_count=jax.process_count(),
+                               cache=cfg.data.cached if inputs else None, cache_inputs=inputs or None)
+
+
+def cached_inputs(cfg: TrainConfig):
+    """The latent-cache inputs this config can use (None without `data.cached`)."""
+    return cache_plan(cfg.data.cached, cfg.stage, cfg.p_white_bg, cfg.inpaint_p)[0] if cfg.data.cached else None
 
 
 def initial_params(cfg: TrainConfig, model_cfg: ModelConfig, seed: int):
     """`init_from` (a cdv2 weights dir, e.g. a previous stage's export, or the authors' file with its
-    CLIP) or a random init (tiny configs, tests)."""
+    CLIP), else `init` (SD2.1 + open_clip, `cdv2.weights.sd21_init`), else a random init (tiny
+    configs, tests)."""
     if cfg.init_from:
         from cdv2.weights.pretrained import load_pretrained
 
         params, _ = load_pretrained(cfg.init_from, config=model_cfg)
         return params
+    if cfg.init.given:  # SD2.1 U-Net/VAE + open_clip CLIP, new modules as the authors start them
+        from cdv2.weights.sd21_init import init_from_sd21
+
+        return init_from_sd21(model_cfg, jax.random.PRNGKey(seed), sd21=cfg.init.sd21, diffusers=cfg.init.diffusers,
+                              open_clip=cfg.init.open_clip, ema=cfg.init.ema)
     return jax.tree_util.tree_map(np.asarray, init_params(model_cfg, jax.random.PRNGKey(seed)))
 
 
@@ -111,17 +128,44 @@ def write_run_configs(workdir: Path, cfg: TrainConfig, model_cfg: ModelConfig) -
             path.write_text(yaml.safe_dump(plain_data(c.to_dict()), sort_keys=False))
 
 
+def frozen_source(cfg: TrainConfig, params_given: bool) -> dict:
+    """Where the frozen params come from (recorded with every checkpoint, reloaded on resume)."""
+    if params_given:
+        return {"kind": "given"}
+    if cfg.init_from:
+        return {"kind": "init_from", "path": str(Path(cfg.init_from).absolute())}
+    if cfg.init.given:
+        return {"kind": "init", "seed": cfg.seed, "ema": cfg.init.ema,
+                **{k: str(Path(v).absolute()) for k, v in (("sd21", cfg.init.sd21), ("diffusers", cfg.init.diffusers),
+                                                            ("open_clip", cfg.init.open_clip)) if v}}
+    return {"kind": "random", "seed": cfg.seed}
+
+
 def _start_state(cfg, model_cfg, optimizer, mesh, ckpt, it, params):
-    """-> (state, shardings, resumed_from). Resume restores into the abstract sharded state."""
+    """-> (state, shardings, resumed_from). Resume restores the trained leaves, optimizer state,
+    step and RNG into the abstract sharded state, and the frozen params from their recorded source
+    (content-checked); a fresh start records that source in `ckpt`."""
     resumed_from = ckpt.latest_step()
     if resumed_from is not None:
+        record = ckpt.saved_frozen_record(resumed_from)
+        frozen = None if record is None else load_frozen_source(record, model_cfg, params=params,
+                                                                init_from=cfg.init_from)
         shapes = param_shapes(model_cfg) if params is None else jax.eval_shape(lambda p: p, params)
+        del params
         state_shapes = train_state_shapes(shapes, optimizer)
         sh = train_shardings(mesh, state_shapes, cfg.sharding_rules, cfg.min_shard_size)
         abstract = jax.tree.map(lambda s, d: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=d), state_shapes, sh.state)
-        return ckpt.restore(abstract, it), sh, resumed_from
+        if record is None:  # an older checkpoint of the whole state: keep saving whole states
+            ckpt.trainable = None
+        else:
+            ckpt.frozen_record = record
+            targets = split_trainable(sh.state.params, cfg.stage)[1]
+            frozen = {k: jax.device_put(v, targets[k]) for k, v in frozen.items()}
+        return ckpt.restore(abstract, it, frozen=frozen), sh, resumed_from
+    source = frozen_source(cfg, params is not None)
     if params is None:
         params = initial_params(cfg, model_cfg, cfg.seed)
+    ckpt.frozen_record = frozen_record(source, cfg.stage, split_trainable(params, cfg.stage)[1])
     sh = train_shardings(mesh, train_state_shapes(params, optimizer), cfg.sharding_rules, cfg.min_shard_size)
     return create_train_state(params, optimizer, cfg.seed, sh), sh, None
 
@@ -141,13 +185,25 @@ def train(cfg: TrainConfig, opts: RunOptions, *, params=None,
         write_run_configs(workdir, cfg, model_cfg)
     optimizer = make_optimizer(cfg.optim, cfg.stage)
     mesh = make_mesh(cfg.mesh)
-    ckpt = Checkpointer(workdir / "checkpoints", every=cfg.checkpoint_every, keep=opts.keep_checkpoints)
+    line = describe_batch(cfg.batch_size, cfg.optim.grad_accum_steps, mesh.size)
+    if is_main:
+        print(line if not cfg.data.cached else line + "\n" + describe_cache(
+            cfg.data.cached, *cache_plan(cfg.data.cached, cfg.stage, cfg.p_white_bg, cfg.inpaint_p)))
+    ckpt = Checkpointer(workdir / "checkpoints", every=cfg.checkpoint_every, keep=opts.keep_checkpoints,
+                        trainable=lambda path: is_trainable(path, cfg.stage))  # frozen params: by reference
     ckpt.install_sigterm_handler()
     it = data_iterator(cfg, opts.data_root)
-    state, shardings, resumed_from = _start_state(cfg, model_cfg, optimizer, mesh, ckpt, it, params)
+    try:
+        state, shardings, resumed_from = _start_state(cfg, model_cfg, optimizer, mesh, ckpt, it, params)
+        if cached_inputs(cfg):  # refuse a cache made from other frozen VAE / CLIP weights
+            check_cache_weights(cfg.data.cached, state.params)
+    except BaseException:  # e.g. the frozen params' source is missing or changed
+        ckpt.close()
+        it.close()
+        raise
     del params
-    step_fn = make_train_step(cfg, build_components(cfg, model_cfg), optimizer, shardings,
-                              compiler_options=opts.compiler_options)
+    step_fn = CompileThenSync(make_train_step(cfg, build_components(cfg, model_cfg), optimizer, shardings,
+                                              compiler_options=opts.compiler_options))
     writer = MetricsWriter(workdir / "tensorboard", enabled=is_main)
     sampler = None
     if on_sample is None and cfg.sample_every and is_main:

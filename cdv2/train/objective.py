@@ -43,6 +43,7 @@ from cdv2.diffusion.parameterization import get_v, q_sample
 from cdv2.diffusion.schedule import ldm_alphas_cumprod
 from cdv2.train.augment import AugmentConfig, augment_batch, merge_character_masks, sample_thresholds
 from cdv2.train.config import TrainConfig
+from cdv2.train.latent_cache import latent_from_moments
 
 # purposes of per-sample keys (fold_in tags)
 _T, _EPS, _OFFSET, _DROP, _VAE_IMAGE, _VAE_REF, _VAE_BG = range(7)
@@ -114,7 +115,7 @@ def _augment(batch: dict, rngs: StepRngs, cfg: TrainConfig) -> dict:
 def _check_cache(batch: dict, cfg: TrainConfig) -> None:
     """Cached inputs skip the VAE / CLIP forward but cannot carry the augmentations. (In stages 2/3
     the batch still needs image/reference/masks: the background path and bleaching read them.)"""
-    if "latent" in batch and cfg.stage > 1 and cfg.p_white_bg > 0:
+    if ("latent" in batch or "latent_moments" in batch) and cfg.stage > 1 and cfg.p_white_bg > 0:
         raise ValueError("a cached `latent` cannot carry background bleaching: set p_white_bg=0 or "
                          "drop the cache in stages 2/3")
     if "clip_tokens" in batch and cfg.inpaint_p > 0:
@@ -180,6 +181,9 @@ def training_loss(params, batch: dict, rngs: StepRngs, *, comps: Components, cfg
     batch = _augment(batch, rngs, cfg)
     if "latent" in batch:
         x0 = batch["latent"].astype(jnp.float32)
+    elif "latent_moments" in batch:  # cached posterior (cdv2.train.latent_cache): vae_latent's own draw
+        x0 = latent_from_moments(batch["latent_moments"], comps.vae.config.scale_factor,
+                                 _keys(rngs, _VAE_IMAGE) if cfg.vae_sample else None)
     else:
         x0 = vae_latent(comps, params, batch["image"], keys=_keys(rngs, _VAE_IMAGE) if cfg.vae_sample else None)
     if "clip_tokens" in batch:

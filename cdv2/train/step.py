@@ -47,8 +47,8 @@ from cdv2.train.config import TrainConfig
 from cdv2.train.mesh import TrainShardings
 from cdv2.train.objective import sample_rngs, training_loss
 from cdv2.train.stages import lr_schedule, merge_params, split_trainable
+from cdv2.weights.dtypes import compute_dtype
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 STOP_KEY = "_stop"
 
 
@@ -63,7 +63,7 @@ class TrainState:
 def build_components(cfg: TrainConfig, model_cfg: ModelConfig) -> Components:
     """The model's modules in the configured compute dtype (params are fp32 regardless), the U-Net
     with the configured per-block remat policy."""
-    comps = build(model_cfg, dtype=DTYPES[cfg.compute_dtype], attention_impl=cfg.attention_impl)
+    comps = build(model_cfg, dtype=compute_dtype(cfg.compute_dtype), attention_impl=cfg.attention_impl)
     return dataclasses.replace(comps, unet=comps.unet.clone(remat=cfg.remat))
 
 
@@ -122,7 +122,7 @@ def make_train_step(cfg: TrainConfig, components: Components, optimizer: optax.G
     stage = cfg.stage
     schedule = lr_schedule(cfg.optim)
     alphas = ldm_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod
-    gather = None if mesh_shardings is None else _fsdp_gather(mesh_shardings, DTYPES[cfg.compute_dtype])
+    gather = None if mesh_shardings is None else _fsdp_gather(mesh_shardings, compute_dtype(cfg.compute_dtype))
 
     def step_fn(state: TrainState, batch: dict):
         batch = dict(batch)

@@ -9,6 +9,9 @@
     open_clip.py     open_clip (and HF transformers) CLIP image tower
     open_clip_text.py open_clip CLIP text tower
     diffusers_vae.py diffusers-format SD VAE -> the authors' LDM names
+    diffusers_unet.py LDM U-Net names -> diffusers UNet2DConditionModel names
+    sd21.py          SD2.1-768-v (LDM checkpoint or diffusers folder) -> U-Net base, VAE, text tower
+    sd21_init.py     `init_from_sd21`: stage-1 start (SD2.1 + open_clip + the authors' zero inits)
     weights_dir.py   cdv2's own weights directory (params.safetensors + config.yaml + manifest)
     pretrained.py    `load_pretrained`: any of the above -> (params, ModelConfig)
     keymaps/         the preprocessor networks' key maps
