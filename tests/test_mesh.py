@@ -31,6 +31,7 @@ def worker_report():
     return report
 
 
+@pytest.mark.slow  # an 8-device subprocess run: ~2.5 min on 2 cores
 @pytest.mark.parametrize("mesh", ["8x1", "2x4"])
 def test_sharded_step_equals_single_device(worker_report, mesh):
     r = worker_report
@@ -41,6 +42,7 @@ def test_sharded_step_equals_single_device(worker_report, mesh):
     assert r[f"{mesh}/grad_norm_rel_diff"] <= 1e-5, r
 
 
+@pytest.mark.slow  # shares that subprocess run
 def test_params_and_optimizer_state_are_really_sharded(worker_report):
     r = worker_report
     # 2 x 4: the big conv kernel (3, 3, 256, 128) is split 4 ways along its largest dim, before and

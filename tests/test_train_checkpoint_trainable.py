@@ -120,6 +120,7 @@ def _run(dataset, workdir, steps, init_from):
                                              progress=False, compiler_options=FAST_COMPILE))
 
 
+@pytest.mark.slow  # two training runs + an export: ~4 min on 2 cores
 def test_stage2_resume_reloads_frozen_params_from_init_from_and_export_is_full(tmp_path, params, model_cfg, dataset):
     from cdv2.train.export import export_checkpoint
     from cdv2.weights.weights_dir import load_weights_dir, save_weights_dir

@@ -33,6 +33,7 @@ def run(dataset, workdir, steps, params):
                                         max_steps=steps, progress=False, compiler_options=FAST_COMPILE), params=params)
 
 
+@pytest.mark.slow  # three training runs: ~2 min on 2 cores
 def test_killed_and_resumed_run_repeats_the_uninterrupted_one(dataset, tmp_path, tiny_params):
     straight = run(dataset, tmp_path / "a", 4, tiny_params)
     first = run(dataset, tmp_path / "b", 2, tiny_params)

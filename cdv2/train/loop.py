@@ -170,6 +170,51 @@ def _start_state(cfg, model_cfg, optimizer, mesh, ckpt, it, params):
     return create_train_state(params, optimizer, cfg.seed, sh), sh, None
 
 
+def _describe_run(cfg: TrainConfig, mesh) -> str:
+    """The start-of-run lines: the global batch, and what the latent cache provides."""
+    line = describe_batch(cfg.batch_size, cfg.optim.grad_accum_steps, mesh.size)
+    if not cfg.data.cached:
+        return line
+    return line + "\n" + describe_cache(cfg.data.cached, *cache_plan(cfg.data.cached, cfg.stage, cfg.p_white_bg,
+                                                                       cfg.inpaint_p))
+
+
+def _open_run(cfg: TrainConfig, opts: RunOptions, model_cfg: ModelConfig, optimizer, mesh, workdir: Path, params):
+    """-> (checkpointer, data iterator, state, shardings, resumed_from); closes what it opened if
+    starting fails (e.g. the frozen params' source is missing or changed, a stale latent cache)."""
+    ckpt = Checkpointer(workdir / "checkpoints", every=cfg.checkpoint_every, keep=opts.keep_checkpoints,
+                        trainable=lambda path: is_trainable(path, cfg.stage))  # frozen params: by reference
+    ckpt.install_sigterm_handler()
+    it = data_iterator(cfg, opts.data_root)
+    try:
+        state, shardings, resumed_from = _start_state(cfg, model_cfg, optimizer, mesh, ckpt, it, params)
+        if cached_inputs(cfg):  # refuse a cache made from other frozen VAE / CLIP weights
+            check_cache_weights(cfg.data.cached, state.params)
+    except BaseException:
+        ckpt.close()
+        it.close()
+        raise
+    return ckpt, it, state, shardings, resumed_from
+
+
+def _default_sampler(model_cfg: ModelConfig, workdir: Path):
+    """Sample grids under WORKDIR/samples (single-process runs only), else None."""
+    if jax.process_count() > 1:
+        print("note: sample grids are single-process only; skipped (sample_every ignored)")
+        return None
+    from cdv2.train.sampling import TrainingSampler
+
+    return TrainingSampler(model_cfg, workdir / "samples")
+
+
+def _log_metrics(writer: MetricsWriter, bar, step: int, metrics, images_per_s: float) -> None:
+    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    m["images_per_s"] = images_per_s
+    writer.scalars(step, {f"train/{k}": v for k, v in m.items() if k != "stop"})
+    bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.1e}", gnorm=f"{m['grad_norm']:.3f}",
+                    img_s=f"{m['images_per_s']:.1f}")
+
+
 def train(cfg: TrainConfig, opts: RunOptions, *, params=None,
           on_sample: Optional[Callable[[int, object], None]] = None) -> RunResult:
     """Run (or resume) training. `params`: starting weights (else `initial_params`). `on_sample`
@@ -185,34 +230,16 @@ def train(cfg: TrainConfig, opts: RunOptions, *, params=None,
         write_run_configs(workdir, cfg, model_cfg)
     optimizer = make_optimizer(cfg.optim, cfg.stage)
     mesh = make_mesh(cfg.mesh)
-    line = describe_batch(cfg.batch_size, cfg.optim.grad_accum_steps, mesh.size)
     if is_main:
-        print(line if not cfg.data.cached else line + "\n" + describe_cache(
-            cfg.data.cached, *cache_plan(cfg.data.cached, cfg.stage, cfg.p_white_bg, cfg.inpaint_p)))
-    ckpt = Checkpointer(workdir / "checkpoints", every=cfg.checkpoint_every, keep=opts.keep_checkpoints,
-                        trainable=lambda path: is_trainable(path, cfg.stage))  # frozen params: by reference
-    ckpt.install_sigterm_handler()
-    it = data_iterator(cfg, opts.data_root)
-    try:
-        state, shardings, resumed_from = _start_state(cfg, model_cfg, optimizer, mesh, ckpt, it, params)
-        if cached_inputs(cfg):  # refuse a cache made from other frozen VAE / CLIP weights
-            check_cache_weights(cfg.data.cached, state.params)
-    except BaseException:  # e.g. the frozen params' source is missing or changed
-        ckpt.close()
-        it.close()
-        raise
+        print(_describe_run(cfg, mesh))
+    ckpt, it, state, shardings, resumed_from = _open_run(cfg, opts, model_cfg, optimizer, mesh, workdir, params)
     del params
     step_fn = CompileThenSync(make_train_step(cfg, build_components(cfg, model_cfg), optimizer, shardings,
                                               compiler_options=opts.compiler_options))
     writer = MetricsWriter(workdir / "tensorboard", enabled=is_main)
     sampler = None
     if on_sample is None and cfg.sample_every and is_main:
-        if jax.process_count() > 1:
-            print("note: sample grids are single-process only; skipped (sample_every ignored)")
-        else:
-            from cdv2.train.sampling import TrainingSampler
-
-            sampler = on_sample = TrainingSampler(model_cfg, workdir / "samples")
+        sampler = on_sample = _default_sampler(model_cfg, workdir)
     total = opts.max_steps or cfg.total_steps
     start = int(jax.device_get(state.step))
     bar = tqdm(total=total, initial=start, desc=f"stage {cfg.stage}", unit="step",
@@ -246,11 +273,7 @@ def train(cfg: TrainConfig, opts: RunOptions, *, params=None,
             else:
                 seen += cfg.batch_size
             if cfg.log_every and step % cfg.log_every == 0 or step == 1:
-                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                m["images_per_s"] = seen / max(time.perf_counter() - t_first, 1e-9)
-                writer.scalars(step, {f"train/{k}": v for k, v in m.items() if k != "stop"})
-                bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.1e}", gnorm=f"{m['grad_norm']:.3f}",
-                                img_s=f"{m['images_per_s']:.1f}")
+                _log_metrics(writer, bar, step, metrics, seen / max(time.perf_counter() - t_first, 1e-9))
             bar.update(1)
             if ckpt.should_save(step):
                 ckpt.save(step, state, it)
