@@ -39,6 +39,9 @@ class UNetConfig:
     lora_rank: int = 4              # fg/bg LoRA rank on decoder attn2 q/k/v (0 = none)
     # encoder extras (bg/style encoders): size-embedding input width
     adm_in_channels: int = 512
+    # GroupNorm groups (diffusers' norm_num_groups): SD's 32; small demo widths use fewer, since
+    # one channel per group normalises away each channel's mean (the colour of a flat region)
+    norm_groups: int = 32
 
     @property
     def time_embed_dim(self) -> int:
@@ -62,6 +65,7 @@ class VAEConfig:
     z_channels: int = 4
     embed_dim: int = 4
     scale_factor: float = 0.18215
+    norm_groups: int = 32           # GroupNorm groups, as UNetConfig.norm_groups
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,12 +38,13 @@ def test_implementations_equal_the_softmax_formula(impl, heads):
 
 def test_chunking_really_splits_and_stays_exact():
     q, k, v = _qkv(n=96)
-    # 2 * 4 heads * 40 keys * 4 bytes = 1280 bytes per query; 96 queries > 2 blocks of 32 queries' worth,
-    # so it splits, into blocks of at least 64 queries: 48 (the largest divisor of 96 <= 64)
-    jaxpr = jax.make_jaxpr(lambda *a: A.chunked_xla_attention(*a, heads=4, block_bytes=32 * 1280))(q, k, v)
-    assert "while" in str(jaxpr) or "scan" in str(jaxpr)
-    assert "48," in str(jaxpr)
-    out = A.chunked_xla_attention(q, k, v, 4, block_bytes=32 * 1280)
+    # 2 batch * 4 heads * 96 queries * 40 keys * 4 bytes = 122,880 bytes of scores > 2 blocks of
+    # 10,240 bytes, so it splits: one head at a time (16 channels), blocks of at least 64 queries'
+    # worth (40 keys * 4 bytes each): 48, the largest divisor of 96 <= 64
+    jaxpr = str(jax.make_jaxpr(lambda *a: A.chunked_xla_attention(*a, heads=4, block_bytes=64 * 160))(q, k, v))
+    assert "while" in jaxpr or "scan" in jaxpr
+    assert "f32[48,16]" in jaxpr and "f32[48,40]" in jaxpr  # a block: one head's 48 queries x 40 keys
+    out = A.chunked_xla_attention(q, k, v, 4, block_bytes=64 * 160)
     ref = _reference(q, k, v, 4)
     assert np.abs(np.asarray(out) - ref).max() <= 1e-5 * np.abs(ref).max()
     # small score matrices are not split

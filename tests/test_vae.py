@@ -2,6 +2,8 @@
 AutoencoderKL (through cdv2.weights.diffusers_vae); posterior sampling and latent scaling."""
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -103,12 +105,11 @@ DIFFUSERS_CFG = dict(block_out_channels=(32, 64), down_block_types=("DownEncoder
                      norm_num_groups=32, latent_channels=4, sample_size=32)
 
 
-@pytest.fixture(scope="module")
-def diffusers_vae():
+def _diffusers_vae(groups: int = 32):
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
-    model = diffusers.AutoencoderKL(**DIFFUSERS_CFG).eval()
+    model = diffusers.AutoencoderKL(**{**DIFFUSERS_CFG, "norm_num_groups": groups}).eval()
     with torch.no_grad():  # every parameter random and non-zero, activations kept O(1)
         for name, p in model.named_parameters():
             if name.endswith("bias"):
@@ -121,11 +122,20 @@ def diffusers_vae():
     return torch, model, sd
 
 
-def test_diffusers_vae_parity(diffusers_vae):
-    torch, model, sd = diffusers_vae
+@pytest.fixture(scope="module")
+def diffusers_vae():
+    return _diffusers_vae()
+
+
+@pytest.mark.parametrize("groups", [32, 8])
+def test_diffusers_vae_parity(diffusers_vae, groups):
+    """groups 8: `VAEConfig.norm_groups` is diffusers' norm_num_groups (the demo VAE's setting)."""
+    torch, model, sd = diffusers_vae if groups == 32 else _diffusers_vae(groups)
     ldm = diffusers_vae_to_ldm(sd, out_prefix="first_stage_model.")
-    cfg = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=2, z_channels=4, embed_dim=4)
-    assert infer_vae_config({k[len("first_stage_model."):]: v for k, v in ldm.items()}) == cfg
+    cfg = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=2, z_channels=4, embed_dim=4, norm_groups=groups)
+    # shapes cannot tell the group count: inferred configs carry SD's 32
+    inferred = infer_vae_config({k[len("first_stage_model."):]: v for k, v in ldm.items()})
+    assert dataclasses.replace(inferred, norm_groups=groups) == cfg
     vae, params = AutoencoderKL(cfg), state_dict_to_params(ldm, "first_stage_model.")
     x = np.random.RandomState(0).uniform(-1, 1, (2, 3, 32, 32)).astype(np.float32)
     with torch.no_grad():

@@ -58,6 +58,13 @@ def cmd_init(args) -> None:
 
     params["vae"] = fit_vae(build(cfg).vae, params["vae"], random_crops(it, args.crop, args.seed),
                             args.vae_steps, lr=args.lr, seed=args.seed, on_step=on_step)
+    # LDM's scale_by_std: the model config's vae.scale_factor should make the latents unit-variance
+    from cdv2.modules.vae import AutoencoderKL
+
+    encode = jax.jit(lambda p, x: build(cfg).vae.apply({"params": p}, x, method=AutoencoderKL.encode)[0])
+    std = float(np.std(np.concatenate([np.asarray(encode(params["vae"], next(it)["image"])) for _ in range(8)])))
+    _log(f"latent std {std:.3f} over 8 batches: vae.scale_factor should be about {1 / std:.3f} "
+         f"(the config has {cfg.vae.scale_factor})")
     it.close()
     params = jax.tree_util.tree_map(np.asarray, params)
     from flax import traverse_util

@@ -49,15 +49,18 @@ def multihead_attention(q, k, v, heads: int, implementation: Optional[str] = Non
     return out.reshape(b, n, c)
 
 
-def chunked_xla_attention(q, k, v, heads: int, block_bytes: int = 5 << 20):
+def chunked_xla_attention(q, k, v, heads: int, block_bytes: int = 10 << 20):
     """Exact softmax attention for XLA's CPU kernels: heads split, q scaled and K transposed ONCE
-    into (batch x heads, ...) operands, then a sequential `lax.map` over blocks of queries, so
-    each block's fp32 score matrix (about `block_bytes`, at least 64 queries) stays in cache, as
-    torch's tiled CPU kernel does; a score matrix under 2 blocks is done in one piece.
+    into (batch x heads, ...) operands; a score matrix of at most 2 blocks (`block_bytes`, fp32) is
+    done in one batched piece, a larger one ONE HEAD at a time over blocks of queries (sequential
+    `lax.map`s), each block's (queries x keys) fp32 scores about `block_bytes`, so that QK^T,
+    softmax and PV of a block run while its scores are still in cache, as torch's tiled CPU kernel
+    does.
 
-    The layout matters on CPU: QK^T as a plain (q, d) x (d, k) batched matmul over one merged
-    batch dim, with no per-block transposes of K/V inside the loop, ran 1.5-1.7x faster than
-    `xla_attention` per block at 2304-4096 tokens (2-core EPYC, BENCHMARKS.md issue-15 block)."""
+    The layout matters on CPU: QK^T as a plain (q, d) x (d, k) matmul with no per-block transposes
+    of K/V inside the loop ran 1.5-1.7x faster than `xla_attention` at 2304-4096 tokens; per-head
+    ~10 MB blocks a further 1.3-1.4x at 4096-9216 tokens over blocks spanning all heads (2-core
+    EPYC, BENCHMARKS.md issue-15 blocks)."""
     b, n, c = q.shape
     m = k.shape[1]
     d = c // heads
@@ -66,20 +69,23 @@ def chunked_xla_attention(q, k, v, heads: int, block_bytes: int = 5 << 20):
     kt = k.reshape(b, m, heads, d).transpose(0, 2, 3, 1).reshape(g, d, m)
     vh = v.reshape(b, m, heads, d).transpose(0, 2, 1, 3).reshape(g, m, d)
 
-    def attend(qb):
-        s = jnp.einsum("gqd,gdk->gqk", qb, kt, preferred_element_type=jnp.float32)
+    def attend(qb, kt, vh):
+        s = jnp.einsum("...qd,...dk->...qk", qb, kt, preferred_element_type=jnp.float32)
         p = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
-        out = jnp.einsum("gqk,gkd->gqd", p.astype(v.dtype), vh, preferred_element_type=jnp.float32)
+        out = jnp.einsum("...qk,...kd->...qd", p.astype(v.dtype), vh, preferred_element_type=jnp.float32)
         return out / jnp.sum(p, axis=-1, keepdims=True)
 
-    per_query = g * m * 4
-    if per_query * n <= 2 * block_bytes:
-        out = attend(qh)
+    if g * n * m * 4 <= 2 * block_bytes:
+        out = attend(qh, kt, vh)
     else:
-        limit = max(64, block_bytes // per_query)
+        limit = max(64, block_bytes // (m * 4))
         block = max((x for x in range(1, min(limit, n) + 1) if n % x == 0), default=n)
-        out = jax.lax.map(attend, qh.reshape(g, n // block, block, d).transpose(1, 0, 2, 3))
-        out = out.transpose(1, 0, 2, 3)
+
+        def one_head(operands):
+            q1, kt1, v1 = operands
+            return jax.lax.map(lambda qb: attend(qb, kt1, v1), q1.reshape(n // block, block, d)).reshape(n, d)
+
+        out = jax.lax.map(one_head, (qh, kt, vh))
     return out.astype(q.dtype).reshape(b, heads, n, d).transpose(0, 2, 1, 3).reshape(b, n, c)
 
 

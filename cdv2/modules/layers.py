@@ -31,10 +31,10 @@ def conv(features: int, kernel: int, name: str, dtype: Dtype, param_dtype: Dtype
                    dtype=dtype, param_dtype=param_dtype)
 
 
-def group_norm(name: str, eps: float, dtype: Dtype, param_dtype: Dtype) -> nn.GroupNorm:
+def group_norm(name: str, eps: float, dtype: Dtype, param_dtype: Dtype, groups: int = 32) -> nn.GroupNorm:
     # flax computes the statistics in at least fp32 whatever `dtype` is
     # two-pass variance (E[(x-m)^2]): the fast E[x^2]-m^2 loses digits when |mean| >> std
-    return nn.GroupNorm(num_groups=32, epsilon=eps, name=name, dtype=dtype, param_dtype=param_dtype,
+    return nn.GroupNorm(num_groups=groups, epsilon=eps, name=name, dtype=dtype, param_dtype=param_dtype,
                         use_fast_variance=False)
 
 
@@ -44,15 +44,16 @@ class ResBlock(nn.Module):
     out_channels: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    norm_groups: int = 32
 
     @nn.compact
     def __call__(self, x, emb):
-        d, pd = self.dtype, self.param_dtype
-        h = nn.silu(group_norm("in_layers_0", 1e-5, d, pd)(x))
+        d, pd, g = self.dtype, self.param_dtype, self.norm_groups
+        h = nn.silu(group_norm("in_layers_0", 1e-5, d, pd, g)(x))
         h = conv(self.out_channels, 3, "in_layers_2", d, pd)(h)
         e = nn.Dense(self.out_channels, name="emb_layers_1", dtype=d, param_dtype=pd)(nn.silu(emb))
         h = h + e[:, None, None, :].astype(h.dtype)
-        h = nn.silu(group_norm("out_layers_0", 1e-5, d, pd)(h))
+        h = nn.silu(group_norm("out_layers_0", 1e-5, d, pd, g)(h))
         h = conv(self.out_channels, 3, "out_layers_3", d, pd)(h)
         if x.shape[-1] != self.out_channels:
             x = conv(self.out_channels, 1, "skip_connection", d, pd)(x)

@@ -82,6 +82,7 @@ class SpatialTransformer(nn.Module):
     attention_impl: Optional[str] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    norm_groups: int = 32
 
     @nn.compact
     def __call__(self, x, context, reference_scale=1.0, split: Optional[SplitSpec] = None,
@@ -91,7 +92,7 @@ class SpatialTransformer(nn.Module):
         d, pd = self.dtype, self.param_dtype
         b, h, w, c = x.shape
         x_in = x
-        x = group_norm("norm", 1e-6, d, pd)(x)
+        x = group_norm("norm", 1e-6, d, pd, self.norm_groups)(x)
         x = conv(c, 1, "proj_in", d, pd)(x)
         x = tokens(x)
         if split is not None and split.mask.shape[1:3] != (h, w):

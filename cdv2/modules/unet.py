@@ -136,10 +136,10 @@ def run_input_blocks(cfg: UNetConfig, x, emb, context, *, control=None, split=No
         elif blk.kind == "down":
             h = Downsample(blk.channels, dtype, param_dtype, name=f"{name}_0")(h)
         else:
-            h = remat_block(ResBlock, remat)(blk.channels, dtype, param_dtype, name=f"{name}_0")(h, emb)
+            h = remat_block(ResBlock, remat)(blk.channels, dtype, param_dtype, cfg.norm_groups, name=f"{name}_0")(h, emb)
             if blk.attention:
                 h = remat_block(SpatialTransformer, remat)(blk.channels, blk.channels // cfg.num_head_channels, cfg.transformer_depth,
-                                       0, attention_impl, dtype, param_dtype, name=f"{name}_1")(
+                                       0, attention_impl, dtype, param_dtype, cfg.norm_groups, name=f"{name}_1")(
                     h, context, _layer_scale(reference_scales, attn_idx), split,
                     **_bank_kwargs(cfg, injection, bank_out, attn_idx))
                 h = _collect(h, bank_out)
@@ -193,12 +193,12 @@ class UNet(nn.Module):
         n_enc = sum(b.attention for b in input_layout(cfg))
         res, st = remat_block(ResBlock, self.remat), remat_block(SpatialTransformer, self.remat)
         ch = hs[-1].shape[-1]
-        h = res(ch, d, pd, name="middle_block_0")(hs[-1], emb)
+        h = res(ch, d, pd, cfg.norm_groups, name="middle_block_0")(hs[-1], emb)
         h = st(ch, ch // cfg.num_head_channels, cfg.transformer_depth, 0, self.attention_impl, d, pd,
-               name="middle_block_1")(h, context, _layer_scale(reference_scales, n_enc), split(False, False),
+               cfg.norm_groups, name="middle_block_1")(h, context, _layer_scale(reference_scales, n_enc), split(False, False),
                                       **_bank_kwargs(cfg, injection, bank_out, n_enc))
         h = _collect(h, bank_out)
-        h = res(ch, d, pd, name="middle_block_2")(h, emb)
+        h = res(ch, d, pd, cfg.norm_groups, name="middle_block_2")(h, emb)
 
         attn_idx = n_enc + 1
         for blk in output_layout(cfg):
@@ -211,11 +211,11 @@ class UNet(nn.Module):
             elif hs_bg is not None:
                 raise ValueError("hs_bg given but this U-Net has no warp modules")
             h = jnp.concatenate([h, skip.astype(h.dtype)], axis=-1)
-            h = res(blk.channels, d, pd, name=f"output_blocks_{i}_0")(h, emb)
+            h = res(blk.channels, d, pd, cfg.norm_groups, name=f"output_blocks_{i}_0")(h, emb)
             sub = 1
             if blk.attention:
                 h = st(blk.channels, blk.channels // cfg.num_head_channels, cfg.transformer_depth,
-                       cfg.lora_rank, self.attention_impl, d, pd, name=f"output_blocks_{i}_1")(
+                       cfg.lora_rank, self.attention_impl, d, pd, cfg.norm_groups, name=f"output_blocks_{i}_1")(
                     h, context, _layer_scale(reference_scales, attn_idx), split(True, use_lora),
                     **_bank_kwargs(cfg, injection, bank_out, attn_idx))
                 h = _collect(h, bank_out)
@@ -229,7 +229,7 @@ class UNet(nn.Module):
             elif style is not None:
                 raise ValueError("style modulations given but this U-Net has no style modules")
 
-        h = nn.silu(group_norm("out_0", 1e-5, d, pd)(h))
+        h = nn.silu(group_norm("out_0", 1e-5, d, pd, cfg.norm_groups)(h))
         h = conv(cfg.out_channels, 3, "out_2", d, pd)(h)
         if write_bank:
             return h.astype(jnp.float32), tuple(bank_out)

@@ -29,9 +29,9 @@ GN_EPS = 1e-6
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
 
-def _group_norm(x: jax.Array, name: str, dtype: Dtype, param_dtype: Dtype) -> jax.Array:
+def _group_norm(x: jax.Array, name: str, dtype: Dtype, param_dtype: Dtype, groups: int) -> jax.Array:
     # the whole normalisation in fp32 whatever the compute dtype, then cast
-    return group_norm(name, GN_EPS, jnp.float32, param_dtype)(x.astype(jnp.float32)).astype(dtype)
+    return group_norm(name, GN_EPS, jnp.float32, param_dtype, groups)(x.astype(jnp.float32)).astype(dtype)
 
 
 class ResnetBlock(nn.Module):
@@ -40,13 +40,14 @@ class ResnetBlock(nn.Module):
     out_channels: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    norm_groups: int = 32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = nn.swish(_group_norm(x, "norm1", **kw))
+        h = nn.swish(_group_norm(x, "norm1", groups=self.norm_groups, **kw))
         h = _conv(self.out_channels, 3, "conv1", **kw)(h)
-        h = nn.swish(_group_norm(h, "norm2", **kw))
+        h = nn.swish(_group_norm(h, "norm2", groups=self.norm_groups, **kw))
         h = _conv(self.out_channels, 3, "conv2", **kw)(h)  # dropout is 0 in SD
         if x.shape[-1] != self.out_channels:
             x = _conv(self.out_channels, 1, "nin_shortcut", **kw)(x)
@@ -58,12 +59,13 @@ class AttnBlock(nn.Module):
 
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    norm_groups: int = 32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         b, hh, ww, c = x.shape
-        h = _group_norm(x, "norm", **kw)
+        h = _group_norm(x, "norm", groups=self.norm_groups, **kw)
         q, k, v = (_conv(c, 1, n, **kw)(h).reshape(b, hh * ww, c) for n in ("q", "k", "v"))
         # one head: scale 1/sqrt(c), softmax over keys in fp32
         h = multihead_attention(q, k, v, 1).reshape(b, hh, ww, c)
@@ -75,10 +77,11 @@ class MidBlock(nn.Module):
 
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    norm_groups: int = 32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, norm_groups=self.norm_groups)
         c = x.shape[-1]
         x = ResnetBlock(c, name="block_1", **kw)(x)
         x = AttnBlock(name="attn_1", **kw)(x)
@@ -93,12 +96,13 @@ class Level(nn.Module):
     resample: Optional[str] = None  # None | "down" | "up"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    norm_groups: int = 32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         for j in range(self.num_blocks):
-            x = ResnetBlock(self.out_channels, name=f"block_{j}", **kw)(x)
+            x = ResnetBlock(self.out_channels, name=f"block_{j}", norm_groups=self.norm_groups, **kw)(x)
         if self.resample == "down":
             x = Downsample(vae_style=True, name="downsample", **kw)(x)
         elif self.resample == "up":
@@ -117,12 +121,13 @@ class Encoder(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         n = len(cfg.ch_mult)
+        g = cfg.norm_groups
         h = _conv(cfg.ch, 3, "conv_in", **kw)(x.astype(self.dtype))
         for i, mult in enumerate(cfg.ch_mult):
             h = Level(cfg.ch * mult, cfg.num_res_blocks, "down" if i != n - 1 else None,
-                      name=f"down_{i}", **kw)(h)
-        h = MidBlock(name="mid", **kw)(h)
-        h = nn.swish(_group_norm(h, "norm_out", **kw))
+                      name=f"down_{i}", norm_groups=g, **kw)(h)
+        h = MidBlock(name="mid", norm_groups=g, **kw)(h)
+        h = nn.swish(_group_norm(h, "norm_out", groups=g, **kw))
         return _conv(2 * cfg.z_channels, 3, "conv_out", **kw)(h)  # double_z
 
 
@@ -136,12 +141,13 @@ class Decoder(nn.Module):
     @nn.compact
     def __call__(self, z: jax.Array) -> jax.Array:
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        g = cfg.norm_groups
         h = _conv(cfg.ch * cfg.ch_mult[-1], 3, "conv_in", **kw)(z.astype(self.dtype))
-        h = MidBlock(name="mid", **kw)(h)
+        h = MidBlock(name="mid", norm_groups=g, **kw)(h)
         for i in reversed(range(len(cfg.ch_mult))):
             h = Level(cfg.ch * cfg.ch_mult[i], cfg.num_res_blocks + 1, "up" if i != 0 else None,
-                      name=f"up_{i}", **kw)(h)
-        h = nn.swish(_group_norm(h, "norm_out", **kw))
+                      name=f"up_{i}", norm_groups=g, **kw)(h)
+        h = nn.swish(_group_norm(h, "norm_out", groups=g, **kw))
         return _conv(cfg.out_ch, 3, "conv_out", **kw)(h)
 
 
