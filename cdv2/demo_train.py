@@ -31,7 +31,11 @@ def _frozen_parts(args, data: Path, out: Path, model_cfg):
     if not args.fit_vae:
         from cdv2.weights.weights_dir import load_weights_dir
 
-        shipped, _ = load_weights_dir(DEMO_WEIGHTS)
+        shipped, shipped_cfg = load_weights_dir(DEMO_WEIGHTS)
+        for part in ("vae", "clip"):  # same shapes could still mean another model (e.g. GroupNorm groups)
+            if getattr(shipped_cfg, part) != getattr(model_cfg, part):
+                raise ValueError(f"the built-in model's {part} config ({getattr(shipped_cfg, part)}) is not "
+                                 f"configs/demo.yaml's ({getattr(model_cfg, part)}): use --fit-vae N")
         params["vae"], params["clip"] = shipped["vae"], shipped["clip"]
         _log(f"VAE and CLIP: the built-in model's ({DEMO_WEIGHTS})")
         return params

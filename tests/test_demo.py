@@ -103,3 +103,19 @@ def test_train_demo_trains_resumes_and_writes_grid(tmp_path, compilation_cache):
     assert Image.open(out / "samples.png").size == (4 * 130 + 2, 4 * 130 + 2 + 14)
     assert demo_cli.main(args) == 0                       # again: resumes for 2 more steps
     assert json.loads((out / "demo_state.json").read_text())["steps"] == [1, 2, 3, 4]
+
+
+def test_demo_training_refuses_a_vae_config_the_shipped_vae_was_not_fitted_for(tmp_path):
+    """`cdv2 demo --train` reuses the built-in VAE + CLIP: same shapes under another config (e.g.
+    GroupNorm groups) would silently be another model."""
+    import argparse
+    import dataclasses
+
+    from cdv2.config import load_model_config
+    from cdv2.demo_train import _frozen_parts
+
+    cfg = load_model_config("demo")
+    other = dataclasses.replace(cfg, vae=dataclasses.replace(cfg.vae, norm_groups=cfg.vae.norm_groups * 2))
+    args = argparse.Namespace(seed=0, fit_vae=0)
+    with pytest.raises(ValueError, match="vae config"):
+        _frozen_parts(args, tmp_path, tmp_path, other)

@@ -50,3 +50,26 @@ def test_oracle_checkpoint_has_no_zero_tensors(tiny_state_dict):
     """FIXTURES.md promises non-zero random weights everywhere (so no path hides behind a zero)."""
     zero = [k for k, v in tiny_state_dict.items() if v.size and not np.any(v)]
     assert zero == []
+
+
+@pytest.mark.parametrize("name, mult", [("tiny", None), ("demo", None), ("tiny", (1, 2, 2, 2)), ("tiny", (1, 1, 2))])
+def test_style_encoder_widths_match_the_decoder_for_any_channel_mult(name, mult):
+    """Entry i of the style encoder scales and shifts output block i: 2 x that block's channels
+    (the released v2 shapes are checked above; the demo's channel_mult 1,2,2,2 broke a v2-only rule)."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    from cdv2.modules.encoders import UNetEncoder
+    from cdv2.modules.unet import output_layout
+
+    cfg = load_model_config(name).style_encoder
+    if mult is not None:
+        cfg = dataclasses.replace(cfg, channel_mult=mult, attention_resolutions=(1,))
+    enc = UNetEncoder(cfg)
+    x = jnp.zeros((1, 16, 16, cfg.in_channels))
+    y = jnp.zeros((1, cfg.adm_in_channels))
+    ctx = jnp.zeros((1, 3, cfg.context_dim))
+    outs = jax.eval_shape(lambda: enc.apply(enc.init(jax.random.PRNGKey(0), x, y, ctx), x, y, ctx))
+    assert [o.shape[-1] for o in outs] == [2 * b.channels for b in output_layout(cfg)]

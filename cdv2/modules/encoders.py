@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from cdv2.config import SketchEncoderConfig, UNetConfig
 from cdv2.modules.layers import conv, time_embed, timestep_embedding, tokens
-from cdv2.modules.unet import input_layout, run_input_blocks
+from cdv2.modules.unet import input_layout, output_layout, run_input_blocks
 
 Dtype = Any
 # MultiEncoder stem: (out channels, stride) of the 8 convs at Sequential indices 0, 2, ..., 14;
@@ -66,11 +66,15 @@ class UNetEncoder(nn.Module):
         hs = run_input_blocks(cfg, x.astype(d), emb, context.astype(d), attention_impl=self.attention_impl,
                               dtype=d, param_dtype=pd)
         outs = []
-        for blk, h in zip(input_layout(cfg), hs):
+        # input block j feeds output block n-1-j (the list is returned reversed)
+        decoder_widths = [b.channels for b in output_layout(cfg)][::-1]
+        for blk, h, dec_width in zip(input_layout(cfg), hs, decoder_widths):
             name = f"zero_layers_{blk.index}"
             if cfg.style_modulation:
-                # the Downsample entries use min(8 mc, 4 C): twice the matching decoder block's width
-                width = min(8 * cfg.model_channels, 4 * blk.channels) if blk.kind == "down" else 2 * blk.channels
+                # a scale and a shift for the matching decoder block, so twice ITS width (which differs
+                # from this block's after a Downsample; with SD's channel_mult the released shapes
+                # equal min(8 mc, 4 C) there, a rule that does not hold for other channel_mults)
+                width = 2 * dec_width
                 pooled = jnp.mean(h.astype(jnp.float32), axis=(1, 2))
                 outs.append(nn.Dense(width, name=name, param_dtype=pd)(pooled))
             else:
