@@ -17,6 +17,7 @@ import argparse
 import sys
 
 import numpy as np
+from PIL import Image
 
 
 def parser() -> argparse.ArgumentParser:
@@ -38,14 +39,16 @@ def parser() -> argparse.ArgumentParser:
 
 
 def colorizer_fn(col, steps: int, guidance: float):
-    def fn(sketch, reference, *, mode, seed):
+    def fn(sketch, reference, *, mode, seed, reference_mask=None):
+        # a known reference mask (synthetic data) instead of the estimate, in the modes that use one
+        given = {} if reference_mask is None or mode == "vanilla" else {"reference_mask": Image.fromarray(reference_mask)}
         img = col.colorize(sketch, reference, mode=mode, steps=steps, size=sketch.shape[:2],
-                           reference_guidance=guidance, sketch_polarity="black_on_white", seed=seed)[0]
+                           reference_guidance=guidance, sketch_polarity="black_on_white", seed=seed, **given)[0]
         return np.asarray(img.convert("RGB"))
     return fn
 
 
-def flat_fill(sketch, reference, *, mode, seed):
+def flat_fill(sketch, reference, *, mode, seed, reference_mask=None):
     """Baseline: the reference's mean colour everywhere, the sketch's (dark) lines kept."""
     mean = np.asarray(reference, np.float64).reshape(-1, 3).mean(0)
     lines = np.asarray(sketch).mean(-1, keepdims=True) < 128

@@ -17,7 +17,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-Generator = Callable[..., np.ndarray]   # fn(sketch uint8, reference uint8, *, mode, seed) -> uint8 HxWx3
+Generator = Callable[..., np.ndarray]   # fn(sketch, reference, *, mode, seed, reference_mask) -> uint8 HxWx3
 
 
 @dataclasses.dataclass
@@ -28,6 +28,10 @@ class EvalItem:
     tps_reference: np.ndarray     # the ground truth TPS-deformed (‡)
     labels: Optional[np.ndarray] = None      # synthetic: part id per pixel (0 = background)
     part_colors: Optional[Sequence] = None   # synthetic: RGB per part
+    # known character masks of the two references (uint8 HxW, 255 = character), given to the
+    # generator in the modes that need one (synthetic: from the scenes' labels, TPS-warped alike)
+    random_reference_mask: Optional[np.ndarray] = None
+    tps_reference_mask: Optional[np.ndarray] = None
 
 
 def synthetic_items(n: int, size: int = 64, seed: int = 0, tps_strength: float = 0.15) -> list[EvalItem]:
@@ -38,9 +42,20 @@ def synthetic_items(n: int, size: int = 64, seed: int = 0, tps_strength: float =
     pairs = held_out_pairs(n, size, seed=seed)
     rng = np.random.default_rng([seed, 7])
     perm = _derangement(n, rng)
-    return [EvalItem(np.asarray(p.sketch), np.asarray(p.target), np.asarray(pairs[perm[i]].target),
-                     tps_warp(np.asarray(p.target), rng, strength=tps_strength), p.labels, p.scene.colors)
-            for i, p in enumerate(pairs)]
+
+    def mask(labels):
+        return np.where(np.asarray(labels) > 0, 255, 0).astype(np.uint8)
+
+    items = []
+    for i, p in enumerate(pairs):
+        # the mask rides along as a 4th channel: the same warp (bilinear per channel), then threshold
+        warped = tps_warp(np.concatenate([np.asarray(p.target), mask(p.labels)[..., None]], -1), rng,
+                          strength=tps_strength)
+        items.append(EvalItem(np.asarray(p.sketch), np.asarray(p.target), np.asarray(pairs[perm[i]].target),
+                              warped[..., :3], p.labels, p.scene.colors,
+                              random_reference_mask=mask(pairs[perm[i]].labels),
+                              tps_reference_mask=np.where(warped[..., 3] >= 128, 255, 0).astype(np.uint8)))
+    return items
 
 
 def folder_items(root, n: Optional[int] = None, size: int = 256, seed: int = 0,
@@ -106,9 +121,11 @@ def evaluate(fn: Generator, items: Sequence[EvalItem], *, modes=("vanilla",), se
         rand_out, paired_out = [], []
         bar = tqdm(total=2 * len(items), desc=f"{name} {mode}".strip(), unit="img", disable=not progress)
         for i, it in enumerate(items):
-            rand_out.append(fn(it.sketch, it.random_reference, mode=mode, seed=seed + i))
+            rand_out.append(fn(it.sketch, it.random_reference, mode=mode, seed=seed + i,
+                               reference_mask=it.random_reference_mask))
             bar.update(1)
-            paired_out.append(fn(it.sketch, it.tps_reference, mode=mode, seed=seed + i))
+            paired_out.append(fn(it.sketch, it.tps_reference, mode=mode, seed=seed + i,
+                                 reference_mask=it.tps_reference_mask))
             bar.update(1)
         bar.close()
         paired = np.stack(paired_out)
