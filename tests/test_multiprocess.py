@@ -269,9 +269,6 @@ def test_two_processes_equal_one_process_with_the_same_devices(setup, two_proces
         assert (state["config"]["shard_index"], state["config"]["shard_count"]) == (i, 2)
 
 
-@pytest.mark.skipif(os.environ.get("CDV2_MP_SIGKILL") != "1",
-                    reason="passed once (bit-identical resume); not yet twice with the latest harness (heartbeat "
-                           "timeout, replica-parallel threshold): run with CDV2_MP_SIGKILL=1, then drop this mark")
 def test_sigkill_then_restart_repeats_the_uninterrupted_run(setup, two_process_run):
     (straight, _), straight_params, _ = two_process_run
     job = _run(setup, "killed", 2, DEVICES_PER_PROCESS, pause_at=3)
