@@ -22,8 +22,9 @@ def test_protocol_ranks_oracle_above_baseline(tmp_path):
         return np.concatenate([images.mean((1, 2)), images.std((1, 2))], -1) + 1e-3 * np.random.default_rng(0).normal(size=(len(images), 6))
 
     clip = lambda imgs: imgs.reshape(len(imgs), -1).astype(float)
-    good = protocol.evaluate(oracle, items, inception=feats, clip_embed=clip, progress=False)["vanilla"]
-    flat = protocol.evaluate(eval_cli.flat_fill, items, inception=feats, clip_embed=clip, progress=False)["vanilla"]
+    good = protocol.evaluate(protocol.one_at_a_time(oracle), items, inception=feats, clip_embed=clip, progress=False,
+                             chunk=4)["vanilla"]  # chunks of 4 + 2
+    flat = protocol.evaluate(protocol.one_at_a_time(eval_cli.flat_fill), items, inception=feats, clip_embed=clip, progress=False)["vanilla"]
     assert good["psnr"] > 60 and good["ms_ssim"] == pytest.approx(1.0) and good["clip_similarity"] == pytest.approx(1.0)
     assert good["part_colour_error"] < 1e-6
     assert good["fid"] < flat["fid"] and flat["psnr"] < 30 and flat["part_colour_error"] > 0.1

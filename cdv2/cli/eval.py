@@ -8,8 +8,9 @@
 Data: held-out synthetic scenes (default) or --data ROOT with color/ and sketch/ images of the same
 names. Baselines: `untrained` (the first model's architecture, VAE and CLIP with a fresh U-Net and
 sketch encoder), `flat` (every pixel the reference's mean colour, the sketch's lines drawn on top).
-FID needs --inception (pytorch-fid's weights file; nothing is downloaded). Writes OUT/results.json,
-OUT/results.md and OUT/results.png.
+FID needs --inception (pytorch-fid's weights file; nothing is downloaded). The models' images are
+generated --batch-size at a time in one jitted call split over all local devices (cdv2.sample.batch).
+Writes OUT/results.json, OUT/results.md and OUT/results.png.
 """
 from __future__ import annotations
 
@@ -34,17 +35,27 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--reference-guidance", type=float, default=2.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="images per device call, a multiple of the local device count (default 8 rounded up to one)")
     ap.add_argument("--out", default="eval-out")
     return ap
 
 
-def colorizer_fn(col, steps: int, guidance: float):
-    def fn(sketch, reference, *, mode, seed, reference_mask=None):
+def colorizer_fn(col, steps: int, guidance: float, batch_size=None):
+    """A chunk generator: the images of a chunk in batches through `cdv2.sample.batch` (all local
+    devices, `batch_size` images per call)."""
+    from cdv2.sample.batch import BatchColorizer, Request
+    from cdv2.sample.preprocess import to_uint8
+
+    batch = BatchColorizer(col, batch_size=batch_size)
+
+    def fn(sketches, references, *, mode, seeds, reference_masks):
         # a known reference mask (synthetic data) instead of the estimate, in the modes that use one
-        given = {} if reference_mask is None or mode == "vanilla" else {"reference_mask": Image.fromarray(reference_mask)}
-        img = col.colorize(sketch, reference, mode=mode, steps=steps, size=sketch.shape[:2],
-                           reference_guidance=guidance, sketch_polarity="black_on_white", seed=seed, **given)[0]
-        return np.asarray(img.convert("RGB"))
+        reqs = [Request(s, r, seed=sd, reference_mask=None if m is None or mode == "vanilla" else Image.fromarray(m))
+                for s, r, sd, m in zip(sketches, references, seeds, reference_masks)]
+        return to_uint8(batch.colorize(reqs, mode=mode, steps=steps, size=sketches[0].shape[:2],
+                                       reference_guidance=guidance, sketch_polarity="black_on_white"))
+    fn.batch_size = batch.batch_size
     return fn
 
 
@@ -122,14 +133,17 @@ def run(args) -> int:
         params, cfg = load_pretrained(path)
         models.append((name or ("builtin" if path == str(DEMO_WEIGHTS) else path), params, cfg))
     clip_embed = clip_embedder(models[0][1], models[0][2])
-    gens = [(name, colorizer_fn(Colorizer(p, c), args.steps, args.reference_guidance)) for name, p, c in models]
+    gens = [(name, colorizer_fn(Colorizer(p, c), args.steps, args.reference_guidance, args.batch_size))
+            for name, p, c in models]
     if "untrained" in baselines:
         col = untrained_colorizer(models[0][1], models[0][2], args.seed)
-        gens.append(("untrained", colorizer_fn(col, args.steps, args.reference_guidance)))
+        gens.append(("untrained", colorizer_fn(col, args.steps, args.reference_guidance, args.batch_size)))
     if "flat" in baselines:
-        gens.append(("flat mean colour", flat_fill))
+        gens.append(("flat mean colour", protocol.one_at_a_time(flat_fill)))
+    # chunks of whole batches: only the last batch of a mode is padded
     results = {name: protocol.evaluate(fn, items, modes=modes if name != "flat mean colour" else ["vanilla"],
-                                       seed=args.seed, inception=inception, clip_embed=clip_embed, name=name)
+                                       seed=args.seed, inception=inception, clip_embed=clip_embed, name=name,
+                                       chunk=4 * getattr(fn, "batch_size", 8))
                for name, fn in gens}
     files = write_report(results, args.out, meta={k: v for k, v in vars(args).items()})
     print(markdown_table(results))

@@ -17,7 +17,10 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-Generator = Callable[..., np.ndarray]   # fn(sketch, reference, *, mode, seed, reference_mask) -> uint8 HxWx3
+# fn(sketches, references, *, mode, seeds, reference_masks) -> uint8 (N, H, W, 3): one chunk of images
+# (cdv2.cli.eval.colorizer_fn batches them through cdv2.sample.batch); `one_at_a_time` adapts a
+# per-image fn(sketch, reference, *, mode, seed, reference_mask) -> uint8 HxWx3.
+Generator = Callable[..., np.ndarray]
 
 
 @dataclasses.dataclass
@@ -87,6 +90,14 @@ def folder_items(root, n: Optional[int] = None, size: int = 256, seed: int = 0,
             for i, (s, t) in enumerate(zip(sketches, targets))]
 
 
+def one_at_a_time(fn) -> Generator:
+    """A per-image generator as a chunk generator."""
+    def many(sketches, references, *, mode, seeds, reference_masks):
+        return np.stack([fn(s, r, mode=mode, seed=sd, reference_mask=m)
+                         for s, r, sd, m in zip(sketches, references, seeds, reference_masks)])
+    return many
+
+
 def _derangement(n: int, rng) -> np.ndarray:
     """A permutation without fixed points (a random reference is never the sample's own)."""
     if n < 2:
@@ -107,9 +118,10 @@ def part_colour_error(output: np.ndarray, item: EvalItem) -> Optional[float]:
 
 
 def evaluate(fn: Generator, items: Sequence[EvalItem], *, modes=("vanilla",), seed: int = 0,
-             inception=None, clip_embed=None, progress: bool = True, name: str = "") -> dict:
-    """-> {mode: {metric: value}} (+ "n"). `inception`: a cdv2.eval.fid.InceptionFeatures (FID skipped
-    when None); `clip_embed(images uint8 NHWC) -> (N, D)` (CLIP similarity skipped when None)."""
+             inception=None, clip_embed=None, progress: bool = True, name: str = "", chunk: int = 32) -> dict:
+    """-> {mode: {metric: value}} (+ "n"). fn gets `chunk` items at a time (item i: seed + i).
+    `inception`: a cdv2.eval.fid.InceptionFeatures (FID skipped when None); `clip_embed(images uint8
+    NHWC) -> (N, D)` (CLIP similarity skipped when None)."""
     from tqdm import tqdm
 
     from cdv2.eval import image_metrics
@@ -118,17 +130,21 @@ def evaluate(fn: Generator, items: Sequence[EvalItem], *, modes=("vanilla",), se
     targets = np.stack([it.target for it in items])
     results = {}
     for mode in modes:
-        rand_out, paired_out = [], []
         bar = tqdm(total=2 * len(items), desc=f"{name} {mode}".strip(), unit="img", disable=not progress)
-        for i, it in enumerate(items):
-            rand_out.append(fn(it.sketch, it.random_reference, mode=mode, seed=seed + i,
-                               reference_mask=it.random_reference_mask))
-            bar.update(1)
-            paired_out.append(fn(it.sketch, it.tps_reference, mode=mode, seed=seed + i,
-                                 reference_mask=it.tps_reference_mask))
-            bar.update(1)
+
+        def generate(reference_of, mask_of):
+            out = []
+            for start in range(0, len(items), chunk):
+                part = items[start:start + chunk]
+                out.append(np.asarray(fn([it.sketch for it in part], [reference_of(it) for it in part], mode=mode,
+                                         seeds=[seed + start + j for j in range(len(part))],
+                                         reference_masks=[mask_of(it) for it in part]), np.uint8))
+                bar.update(len(part))
+            return np.concatenate(out)
+
+        rand_out = generate(lambda it: it.random_reference, lambda it: it.random_reference_mask)
+        paired = generate(lambda it: it.tps_reference, lambda it: it.tps_reference_mask)
         bar.close()
-        paired = np.stack(paired_out)
         r = {"psnr": float(image_metrics.psnr(paired, targets).mean()),
              "ms_ssim": float(image_metrics.ms_ssim_any_size(paired, targets).mean())}
         if clip_embed is not None:
@@ -136,8 +152,8 @@ def evaluate(fn: Generator, items: Sequence[EvalItem], *, modes=("vanilla",), se
             cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-12)
             r["clip_similarity"] = float(cos.mean())
         if inception is not None:
-            r["fid"] = fid_from_features(inception(np.stack(rand_out) / 255.0), inception(targets / 255.0))
-        errs = [e for e in (part_colour_error(o, it) for o, it in zip(paired_out, items)) if e is not None]
+            r["fid"] = fid_from_features(inception(rand_out / 255.0), inception(targets / 255.0))
+        errs = [e for e in (part_colour_error(o, it) for o, it in zip(paired, items)) if e is not None]
         if errs:
             r["part_colour_error"] = float(np.mean(errs))
         results[mode] = r

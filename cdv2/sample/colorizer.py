@@ -24,17 +24,16 @@ import numpy as np
 
 from cdv2.conditioning import size_ratios
 from cdv2.config import ModelConfig
-from cdv2.diffusion.guidance import branches_for
 from cdv2.diffusion.samplers import BROWNIAN_SAMPLERS, resolve_name
 from cdv2.sample import masks as mask_ops
 from cdv2.sample import preprocess as pre
-from cdv2.sample.conditions import Inputs, Modes, Strengths, resolve_modes
+from cdv2.sample.conditions import Inputs, Modes, resolve_modes
 from cdv2.sample.injection import injection_image
 from cdv2.sample.line_extract import DEFAULT_EXTRACTOR
 from cdv2.sample.manipulation import DEFAULT_THRESHOLDS, Manipulation, app_manipulations, is_active
-from cdv2.sample.pipeline import Guidance, Pipeline
+from cdv2.sample.pipeline import Pipeline
 from cdv2.sample.preprocessors import Preprocessors
-from cdv2.sample.scales import reference_scales
+from cdv2.sample.settings import pipeline_settings
 from cdv2.sample.seeds import injection_key, resolve_seed, seed_keys
 from cdv2.weights.dtypes import compute_dtype, compute_dtype_name
 
@@ -181,7 +180,7 @@ class Colorizer:
         """Load and validate images and masks; returns model arrays (host numpy inside `Inputs`).
         mode / flags (style_enhance, background_enhance, foreground_enhance, attention_injection) and
         the other keywords: see `colorize`."""
-        modes = _modes(mode, flags)
+        modes = requested_modes(mode, flags)
         if not 1.0 <= reference_padding_scale <= 2.0:
             raise ValueError(f"reference_padding_scale must be in [1, 2] (the app's range), got {reference_padding_scale}")
         sk_rgb, _ = pre.load_image(sketch, what="sketch")
@@ -291,7 +290,7 @@ class Colorizer:
         Brownian-tree samplers (DPM++ SDE family); other samplers are unaffected, as in the app.
         output: "pil" (list of images, 8-bit) or "array" ((num_images, H, W, 3) float32, unclamped)."""
         _check_request(steps, num_images, output, reference_mask)
-        modes = _modes(mode, dict(style_enhance=style_enhance, background_enhance=background_enhance,
+        modes = requested_modes(mode, dict(style_enhance=style_enhance, background_enhance=background_enhance,
                                   foreground_enhance=foreground_enhance, attention_injection=attention_injection))
         manips = app_manipulations(prompt, target_prompt, anchor_prompt, control_prompt, target_scale, thresholds,
                                    enhance_manipulation, manipulations)
@@ -307,10 +306,17 @@ class Colorizer:
         seed = resolve_seed(seed)
         self.last_seed = seed
         k_noise, k_vae, k_sampler = seed_keys(seed)
-        branches = branches_for(reference_guidance, sketch_guidance)
-        strengths = Strengths(control_scale=sketch_strength, mask_scale=background_factor, merge_scale=merge_scale,
-                              reference_mask_threshold=reference_mask_threshold,
-                              injection_sketch_fidelity=injection_sketch_fidelity)
+        strengths, guidance, branches = pipeline_settings(
+            reference_guidance=reference_guidance, sketch_guidance=sketch_guidance,
+            reference_strength=reference_strength, encoder_scale=encoder_scale, middle_scale=middle_scale,
+            low_scale=low_scale, per_layer_scales=per_layer_scales, authors_layer_mapping=authors_layer_mapping,
+            fg_strength=fg_strength, bg_strength=bg_strength, merge_scale=merge_scale,
+            sketch_strength=sketch_strength, background_factor=background_factor,
+            sketch_mask_threshold=sketch_mask_threshold, reference_mask_threshold=reference_mask_threshold,
+            guidance_start_step=guidance_start_step, guidance_end_step=guidance_end_step,
+            no_guidance_start_step=no_guidance_start_step, no_guidance_end_step=no_guidance_end_step,
+            injection_fidelity=injection_fidelity, injection_sketch_fidelity=injection_sketch_fidelity,
+            injection_start_step=injection_start_step)
         mi = self.pipeline.model_inputs(prep.inputs, modes, reference_mask_threshold)
         tokens = None
         if is_active(manips):
@@ -319,15 +325,6 @@ class Colorizer:
                                          num_images=num_images, posterior=posterior, vae_noise=vae_noise,
                                          vae_rng=k_vae if vae_noise is None else None, reference_tokens=tokens)
         noise = self._initial_noise(k_noise, prep.size, num_images, initial_noise)
-        scales = reference_scales(reference_strength, encoder_scale=encoder_scale, middle_scale=middle_scale,
-                                  low_scale=low_scale, per_layer=per_layer_scales,
-                                  authors_layer_mapping=authors_layer_mapping)
-        guidance = Guidance(reference_guidance=reference_guidance, sketch_guidance=sketch_guidance,
-                            sketch_mask_threshold=sketch_mask_threshold, reference_scales=scales,
-                            fg_scale=fg_strength, bg_scale=bg_strength, merge_scale=merge_scale,
-                            guidance_start=guidance_start_step, guidance_end=guidance_end_step,
-                            no_guidance_start=no_guidance_start_step, no_guidance_end=no_guidance_end_step,
-                            injection_fidelity=injection_fidelity, injection_start_step=injection_start_step)
         inj_key = injection_key(seed) if modes.injection and injection_noise is None else None
         # the app's "deterministic batch seed" seeds its Brownian trees alike; other samplers' draws differ per row
         shared = bool(deterministic_batch_seed) and resolve_name(sampler) in BROWNIAN_SAMPLERS
@@ -379,7 +376,8 @@ def _deliver(x: np.ndarray, box, output: str):
     return images if box is None else [pre.crop_to_box(im, box) for im in images]
 
 
-def _modes(mode, flags: dict) -> Modes:
+def requested_modes(mode, flags: dict) -> Modes:
+    """`Modes` of a `mode` shorthand and the app's checkboxes (set ones override the shorthand)."""
     names = {"style_enhance": "style", "background_enhance": "background", "foreground_enhance": "foreground",
              "attention_injection": "injection"}
     unknown = set(flags) - set(names)

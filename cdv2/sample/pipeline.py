@@ -257,6 +257,23 @@ class Pipeline:
             _close_progress()
         return out
 
+    # -- one whole generation (traceable) --------------------------------------------------------
+    def generate_impl(self, params, inputs: ModelInputs, strengths: Strengths, guidance: Guidance, keys, *,
+                      modes: Modes, branches: tuple[str, ...], sampler, posterior: str = "sample"):
+        """prepare -> denoise -> decode of ONE image as a pure traceable function, for `jax.vmap` over
+        distinct inputs (`cdv2.sample.batch`). keys: (x_T, VAE posterior, sampler, injection) keys of
+        the seed (`seeds.seed_keys` + `seeds.injection_key`), so each image equals `Colorizer.colorize`
+        with that seed. -> (1, H, W, 3) in [-1, 1]."""
+        k_noise, k_vae, k_sampler, k_injection = keys
+        conds, _ = self._prepare_impl(params, inputs, strengths, None, k_vae if posterior == "sample" else None,
+                                      modes=modes, branches=branches, num_images=1)
+        h, w = inputs.sketch.shape[1] // 8, inputs.sketch.shape[2] // 8
+        noise = jax.random.normal(k_noise, (1, h, w, self.config.unet.in_channels), jnp.float32)
+        latent = self._denoise_impl(params["unet"], conds, noise, guidance, k_sampler, None,
+                                    k_injection if modes.injection else None, None, sampler=_sampler_spec(sampler),
+                                    branches=branches, use_lora=True, progress=False, batch_shared_noise=False)
+        return self._decode_impl(params["vae"], latent)
+
     # -- decoding -----------------------------------------------------------------------------
     def _decode_impl(self, vae_params, latent):
         self.trace_counts["decode"] += 1
