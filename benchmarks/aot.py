@@ -114,10 +114,32 @@ def _assume_target_cudnn(version: int = 90700) -> None:
 
 
 # -- training step ------------------------------------------------------------------------------
+def batch_shapes(cfg, model_cfg, b: int, size: int, tokens: int = 256, inputs: str = "auto") -> dict:
+    """The training batch's shapes. inputs "cached": sketch + cached latent + CLIP tokens
+    (tools/cache_latents.py; stage 1's fast path); "images": what the data pipeline collates
+    (image, sketch, reference and its mask at reference_size = 1024 x size/768, sketch mask, size),
+    the VAE and CLIP run inside the step; "auto": cached for stage 1, images for stages 2/3 (a
+    cached latent cannot carry their background bleaching)."""
+    from cdv2.train.collate import CollateConfig
+
+    if inputs == "auto":
+        inputs = "cached" if cfg.stage == 1 or cfg.p_white_bg == 0 else "images"
+    if inputs == "cached":
+        lat = size // 8
+        return {"sketch": (b, size, size, 3), "latent": (b, lat, lat, model_cfg.unet.in_channels),
+                "clip_tokens": (b, tokens, model_cfg.unet.context_dim)}
+    if inputs != "images":
+        raise ValueError(f"inputs must be auto, cached or images, got {inputs!r}")
+    r = CollateConfig.for_resolution(size).reference_size
+    return {"image": (b, size, size, 3), "sketch": (b, size, size, 3), "reference": (b, r, r, 3),
+            "smask": (b, size, size, 1), "rmask": (b, r, r, 1), "size": (b, 2)}
+
+
 def compile_train_step(cfg, model_cfg, *, devices=None, size: int, per_device_batch: int, tokens: int = 256,
-                       compiler_options=None):
+                       compiler_options=None, inputs: str = "auto"):
     """-> (compiled, seconds) of the shipped stage train step (`make_train_step`) for abstract inputs
-    sharded over a mesh of `devices` (default: jax.devices(); a topology's devices compile deviceless)."""
+    sharded over a mesh of `devices` (default: jax.devices(); a topology's devices compile deviceless).
+    inputs: see `batch_shapes`."""
     import jax
     import jax.numpy as jnp
 
@@ -132,10 +154,8 @@ def compile_train_step(cfg, model_cfg, *, devices=None, size: int, per_device_ba
     shapes = train_state_shapes(param_shapes(model_cfg), opt)
     sh = train_shardings(mesh, shapes, cfg.sharding_rules, cfg.min_shard_size)
     state = jax.tree.map(lambda s, d: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=d), shapes, sh.state)
-    b, lat = per_device_batch * len(devices), size // 8
-    batch = {"sketch": (b, size, size, 3), "latent": (b, lat, lat, model_cfg.unet.in_channels),
-             "clip_tokens": (b, tokens, model_cfg.unet.context_dim)}
-    batch = {k: jax.ShapeDtypeStruct(v, jnp.float32, sharding=sh.batch) for k, v in batch.items()}
+    batch = {k: jax.ShapeDtypeStruct(v, jnp.float32, sharding=sh.batch) for k, v in batch_shapes(
+        cfg, model_cfg, per_device_batch * len(devices), size, tokens, inputs).items()}
     multi = len(devices) > 1
     step = make_train_step(cfg, build_components(cfg, model_cfg), opt, sh if multi else None,
                            compiler_options=compiler_options)
@@ -154,7 +174,8 @@ def compile_train_step(cfg, model_cfg, *, devices=None, size: int, per_device_ba
 
 # -- sampling loop ------------------------------------------------------------------------------
 def compile_denoise(model_cfg, device, *, size: int, images: int, mode: str, steps: int, dtype, attention,
-                    sampler: str = "dpmpp_2m", reference_guidance: float = 5.0, sketch_guidance: float = 1.0):
+                    sampler: str = "dpmpp_2m", reference_guidance: float = 5.0, sketch_guidance: float = 1.0,
+                    compiler_options=None):
     """-> (compiled, seconds) of `Pipeline.denoise`'s jitted loop on one `device`, for conditions
     from `jax.eval_shape` of the pipeline's own `prepare` (nothing materialised)."""
     import functools
@@ -191,7 +212,7 @@ def compile_denoise(model_cfg, device, *, size: int, images: int, mode: str, ste
     t0 = time.perf_counter()
     compiled = pipe._denoise.lower(*args, None, None, None, sampler=_sampler_spec((sampler, steps)),
                                    branches=tuple(branches), use_lora=True, progress=False,
-                                   batch_shared_noise=False).compile()
+                                   batch_shared_noise=False).compile(compiler_options=compiler_options)
     return compiled, time.perf_counter() - t0
 
 
@@ -231,7 +252,8 @@ def _train_rows(args, devices, model_cfg, device_gib):
                 label = f"{args.topology} stage {stage} batch {pdb}/dev remat {policy}"
                 try:
                     compiled, secs = compile_train_step(cfg, model_cfg, devices=devices, size=args.size,
-                                                        per_device_batch=pdb, tokens=args.tokens)
+                                                        per_device_batch=pdb, tokens=args.tokens, inputs=args.inputs,
+                                                        compiler_options=_compiler_options(args))
                 except Exception as e:  # noqa: BLE001 - one failing cell must not lose the grid
                     print(f"{label}: FAILED {type(e).__name__}: {str(e)[:400]}", flush=True)
                     rows.append({"kind": "train", "topology": args.topology, "stage": stage, "per_device_batch": pdb,
@@ -254,7 +276,8 @@ def _sample_rows(args, devices, model_cfg, device_gib):
             label = f"{args.topology} denoise {mode} {images} image(s) {args.steps} steps"
             try:
                 compiled, secs = compile_denoise(model_cfg, devices[0], size=args.size, images=images, mode=mode,
-                                                 steps=args.steps, dtype=dtype, attention=attention)
+                                                 steps=args.steps, dtype=dtype, attention=attention,
+                                                 compiler_options=_compiler_options(args))
             except Exception as e:  # noqa: BLE001
                 print(f"{label}: FAILED {type(e).__name__}: {str(e)[:400]}", flush=True)
                 rows.append({"kind": "sample", "topology": args.topology, "mode": mode, "images": images,
@@ -263,6 +286,17 @@ def _sample_rows(args, devices, model_cfg, device_gib):
             rows.append(_row("sample", args, compiled, secs, device_gib, mode=mode, images=images, steps=args.steps))
             _print(label, rows[-1])
     return rows
+
+
+def _compiler_options(args) -> Optional[dict]:
+    """--compiler-option KEY=VALUE pairs (true/false -> bool) for XLA, or None."""
+    out = {}
+    for kv in args.compiler_option:
+        key, sep, value = kv.partition("=")
+        if not sep:
+            raise ValueError(f"--compiler-option wants KEY=VALUE, got {kv!r}")
+        out[key] = {"true": True, "false": False}.get(value.lower(), value)
+    return out or None
 
 
 def _row(kind, args, compiled, secs, device_gib, **fields) -> dict:
@@ -296,12 +330,16 @@ def main(argv=None):
     ap.add_argument("--per-device-batch", type=int, nargs="+", default=[2])
     ap.add_argument("--remat", nargs="+", default=["full"], choices=list(REMAT_POLICIES))
     ap.add_argument("--tokens", type=int, default=256, help="cached CLIP tokens per sample")
+    ap.add_argument("--inputs", default="auto", choices=("auto", "cached", "images"),
+                    help="training batch: cached latents/tokens or collated images (auto: cached for stage 1)")
     ap.add_argument("--fsdp", type=int, default=None, help="mesh.fsdp (default: all devices)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="train config overrides")
     ap.add_argument("--sample", action="store_true", help="compile the sampling loop instead of the train step")
     ap.add_argument("--images", type=int, nargs="+", default=[1, 4, 8])
     ap.add_argument("--modes", nargs="+", default=["vanilla", "full"])
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--compiler-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="an XLA option for the compile, e.g. xla_gpu_enable_triton_gemm=false (repeatable)")
     ap.add_argument("--json", default=None, help="write the rows to this JSON file")
     ap.add_argument("--append-md", action="store_true", help="append a results block to BENCHMARKS.md")
     ap.add_argument("--note", default="")
@@ -357,6 +395,8 @@ def _report(args, devices, rows):
              f"compiled for {len(devices)} x {devices[0].device_kind} on this CPU machine (no device); "
              f"fits = total <= {TOPOLOGIES[args.topology][2]:.0f} GiB; TFLOP = XLA cost_analysis of the per-device "
              f"program")
+    if args.compiler_option:
+        notes += "; XLA options: " + ", ".join(args.compiler_option)
     if fails:
         notes += "; failed: " + "; ".join(f"{_cell(r)}: {r['error'][:120]}" for r in fails)
     if args.note:

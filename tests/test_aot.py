@@ -98,3 +98,30 @@ def test_tiny_train_step_compiles_for_a_tpu_topology_without_devices(monkeypatch
     assert mem["alias"] >= 0.99 * (expected - 4 * (64 * 64 * 3 + 8 * 8 * 4 + 16 * 64))  # the donated state
     assert mem["temp"] > 0
     assert (flops_of(compiled) or 0) > 0
+
+
+def test_aot_image_batch_is_what_the_data_pipeline_collates():
+    """benchmarks/aot.py compiles stages 2/3 on collated images (a cached latent cannot carry their
+    background bleaching): its abstract batch must be the real collate output, key for key."""
+    from benchmarks.aot import batch_shapes
+    from cdv2.config import load_model_config
+    from cdv2.train.collate import CollateConfig, collate_batch
+    from cdv2.train.config import load_train_config
+
+    size, b = 128, 2
+    cc = CollateConfig.for_resolution(size)
+    cc = CollateConfig(buckets=((size, size),), max_load=cc.max_load, reference_size=cc.reference_size,
+                       center_crop_max=cc.center_crop_max, center_crop_max2=cc.center_crop_max2,
+                       mask_expansion_size=cc.mask_expansion_size)
+    rng = np.random.default_rng(0)
+    samples = [{"color": rng.integers(0, 256, (160, 150, 3), np.uint8), "sketch": rng.integers(0, 256, (160, 150, 3), np.uint8),
+                "mask": rng.integers(0, 256, (160, 150), np.uint8)} for _ in range(b)]
+    real = collate_batch(samples, np.random.default_rng(1), [np.random.default_rng(i) for i in range(b)], cc)
+    model_cfg = load_model_config("tiny")
+    for stage, want in ((1, "cached"), (2, "images"), (3, "images")):
+        shapes = batch_shapes(load_train_config(f"stage{stage}", {"model": "tiny"}), model_cfg, b, size)
+        assert ("latent" in shapes) == (want == "cached")
+    shapes = batch_shapes(load_train_config("stage2", {"model": "tiny"}), model_cfg, b, size)
+    assert shapes == {k: v.shape for k, v in real.items()}
+    with pytest.raises(ValueError, match="inputs must be"):
+        batch_shapes(load_train_config("stage2", {"model": "tiny"}), model_cfg, b, size, inputs="nope")
