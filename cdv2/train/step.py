@@ -9,10 +9,10 @@
 * Precision: params stay fp32 (master weights); with compute_dtype bfloat16 the components are
   built with dtype=bf16, so every layer casts its fp32 weights to bf16 at use (flax's promote_dtype;
   norms, softmax, the time embedding and the loss stay fp32 by the module conventions).
-* FSDP (fsdp axis > 1): only the fsdp-sharded leaves are gathered, and in the compute dtype: with
-  bf16 compute a sharded weight matrix/kernel (ndim >= 2) is cast to bf16 ON ITS SHARD, then
-  all-gathered (half the bytes, and no full fp32 copy of the tree on any device); its gradient is
-  reduce-scattered back in fp32. Small replicated leaves (biases, norms) are left as they are.
+* FSDP (fsdp axis > 1): only the fsdp-sharded leaves are gathered, and in the compute dtype
+  (`cdv2.train.fsdp`: with bf16 compute a sharded weight matrix/kernel is cast to bf16 on its shard
+  and its bf16 bits are all-gathered, half the bytes); its gradient is reduce-scattered back in
+  fp32. Small replicated leaves (biases, norms) are left as they are.
   (Leaving the gather entirely to XLA's propagation lets the weight shardings leak into the
   activations: "involuntary full rematerialization" and a slower, larger program.) With fsdp = 1
   nothing is cast early, so the numerics equal the unsharded step.
@@ -44,6 +44,7 @@ from cdv2.config import ModelConfig
 from cdv2.model import Components, build
 from cdv2.diffusion.schedule import ldm_alphas_cumprod
 from cdv2.train.config import TrainConfig
+from cdv2.train.fsdp import fsdp_gather
 from cdv2.train.mesh import TrainShardings
 from cdv2.train.objective import sample_rngs, training_loss
 from cdv2.train.stages import lr_schedule, merge_params, split_trainable
@@ -88,25 +89,6 @@ def _zeros_like_flat(flat: dict) -> dict:
     return {k: jnp.zeros(v.shape, v.dtype) for k, v in flat.items()}
 
 
-def _fsdp_gather(shardings: TrainShardings, compute_dtype):
-    """params -> params with every fsdp-sharded leaf cast (ndim >= 2, to `compute_dtype`) on its
-    shard and then constrained replicated (the all-gather); None when nothing is sharded."""
-    specs = shardings.state.params
-    is_sharded = lambda s: any(e is not None for e in s.spec)  # noqa: E731
-    if not any(is_sharded(s) for s in jax.tree.leaves(specs)):
-        return None
-    replicated = NamedSharding(shardings.mesh, P())
-
-    def one(p, s):
-        if not is_sharded(s):
-            return p
-        if p.ndim >= 2 and jnp.issubdtype(p.dtype, jnp.floating):
-            p = p.astype(compute_dtype)
-        return jax.lax.with_sharding_constraint(p, replicated)
-
-    return lambda params: jax.tree.map(one, params, specs)
-
-
 def make_train_step(cfg: TrainConfig, components: Components, optimizer: optax.GradientTransformation,
                     mesh_shardings: Optional[TrainShardings] = None, *, alphas_cumprod=None,
                     compiler_options: Optional[dict] = None):
@@ -122,7 +104,7 @@ def make_train_step(cfg: TrainConfig, components: Components, optimizer: optax.G
     stage = cfg.stage
     schedule = lr_schedule(cfg.optim)
     alphas = ldm_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod
-    gather = None if mesh_shardings is None else _fsdp_gather(mesh_shardings, compute_dtype(cfg.compute_dtype))
+    gather = None if mesh_shardings is None else fsdp_gather(mesh_shardings, compute_dtype(cfg.compute_dtype))
 
     def step_fn(state: TrainState, batch: dict):
         batch = dict(batch)
