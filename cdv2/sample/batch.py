@@ -105,29 +105,27 @@ class BatchColorizer:
             inputs.append(self.colorizer.pipeline.model_inputs(prep.inputs, modes, thr))
             seeds.append(resolve_seed(r.seed))
         fn = self._fn(modes, branches, (sampler, int(steps), schedule), posterior)
-        out = []
-        chunks = range(0, len(inputs), self.batch_size)
+        sharded = NamedSharding(self.mesh, P(AXIS))
+        pending = []  # every batch is dispatched before any is fetched: the host prepares the next one meanwhile
+        for start in range(0, len(inputs), self.batch_size):
+            part = list(range(start, min(start + self.batch_size, len(inputs))))
+            n_real = len(part)
+            part += [part[-1]] * (self.batch_size - n_real)  # pad with copies: one compiled shape
+            stacked = _stack([inputs[i] for i in part])
+            keys = jnp.stack([jnp.stack([*seed_keys(seeds[i]), injection_key(seeds[i])]) for i in part])
+            pending.append((fn(self.params, jax.device_put(stacked, sharded), strengths, guidance,
+                               jax.device_put(keys, sharded)), n_real))
         if progress:
             from tqdm import tqdm
 
-            chunks = tqdm(chunks, desc="batches", unit="batch")
-        for start in chunks:
-            part = list(range(start, min(start + self.batch_size, len(inputs))))
-            part += [part[-1]] * (self.batch_size - len(part))  # pad with copies: one compiled shape
-            stacked = _stack([inputs[i] for i in part])
-            keys = _stack([(*seed_keys(seeds[i]), injection_key(seeds[i])) for i in part])
-            sharded = NamedSharding(self.mesh, P(AXIS))
-            images = fn(self.params, jax.device_put(stacked, sharded), strengths, guidance,
-                        jax.device_put(keys, sharded))
-            n_real = min(self.batch_size, len(inputs) - start)
-            out.append(np.asarray(images)[:n_real, 0])
-        return np.concatenate(out)
+            pending = tqdm(pending, desc="batches", unit="batch")
+        return np.concatenate([np.asarray(images)[:n_real, 0] for images, n_real in pending])
 
 
 def _stack(trees):
-    """Stack pytrees of equal structure along a new leading axis (None fields stay None)."""
+    """Stack pytrees of equal structure along a new leading axis on the host (None fields stay None)."""
     first = jax.tree_util.tree_structure(trees[0])
     for t in trees[1:]:
         if jax.tree_util.tree_structure(t) != first:
             raise ValueError("the requests of a batch need the same inputs (e.g. all or none with a background)")
-    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
+    return jax.tree_util.tree_map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
