@@ -163,12 +163,7 @@ def compile_train_step(cfg, model_cfg, *, devices=None, size: int, per_device_ba
         state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), state)
         batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
     t0 = time.perf_counter()
-    if multi and cfg.attention_impl == "pallas":  # the kernel is shard_mapped over the ambient mesh
-        with jax.set_mesh(mesh):
-            lowered = step.lower(state, batch)
-    else:
-        lowered = step.lower(state, batch)
-    compiled = lowered.compile()
+    compiled = step.lower(state, batch).compile()   # the step sets its mesh itself (Pallas shard_map)
     return compiled, time.perf_counter() - t0
 
 

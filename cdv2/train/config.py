@@ -108,7 +108,7 @@ class TrainConfig:
     # precision, memory, parallelism
     compute_dtype: str = "float32"    # params are always fp32 master weights
     remat: str = "none"
-    attention_impl: Optional[str] = "auto"  # cdv2.model.resolve_attention: auto, xla, chunked, cudnn, library
+    attention_impl: Optional[str] = "auto"  # auto (cdv2.train.step.build_components: pallas on TPU, else cdv2.model.resolve_attention), xla, chunked, cudnn, pallas, library
     mesh: MeshConfig = MeshConfig()
     sharding_rules: tuple[ShardingRule, ...] = (ShardingRule(".*", "auto"),)
     min_shard_size: int = 2 ** 16     # "auto" replicates leaves with fewer elements than this

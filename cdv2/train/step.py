@@ -64,7 +64,13 @@ class TrainState:
 def build_components(cfg: TrainConfig, model_cfg: ModelConfig) -> Components:
     """The model's modules in the configured compute dtype (params are fp32 regardless), the U-Net
     with the configured per-block remat policy."""
-    comps = build(model_cfg, dtype=compute_dtype(cfg.compute_dtype), attention_impl=cfg.attention_impl)
+    impl = cfg.attention_impl
+    if impl == "auto" and jax.default_backend() == "tpu":
+        # Pallas flash attention, shard_mapped by make_train_step: at 768² XLA's materialised 9,216²
+        # scores take v5p's stage-1 step from 14.9 to 39.3 GiB per device (BENCHMARKS.md) and would
+        # not fit a 32 GB v6e chip at 2 per device
+        impl = "pallas"
+    comps = build(model_cfg, dtype=compute_dtype(cfg.compute_dtype), attention_impl=impl)
     return dataclasses.replace(comps, unet=comps.unet.clone(remat=cfg.remat))
 
 
@@ -150,7 +156,16 @@ def make_train_step(cfg: TrainConfig, components: Components, optimizer: optax.G
 
     if mesh_shardings is None:
         return jax.jit(step_fn, donate_argnums=(0,), compiler_options=compiler_options)
-    replicated = NamedSharding(mesh_shardings.mesh, P())
-    return jax.jit(step_fn, in_shardings=(mesh_shardings.state, mesh_shardings.batch),
+    mesh = mesh_shardings.mesh
+
+    def step_on_mesh(state: TrainState, batch: dict):
+        # traced with the mesh as the ambient (abstract) mesh: kernels XLA cannot partition (the
+        # Pallas flash attention) shard_map themselves over it instead of running on the whole
+        # global batch on every device
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return step_fn(state, batch)
+
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(step_on_mesh, in_shardings=(mesh_shardings.state, mesh_shardings.batch),
                    out_shardings=(mesh_shardings.state, replicated), donate_argnums=(0,),
                    compiler_options=compiler_options)
