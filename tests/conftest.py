@@ -126,3 +126,16 @@ def compilation_cache(tmp_path_factory):
     yield
     jax.config.update("jax_compilation_cache_dir", old[0])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+
+
+def run_with_fake_devices(script, devices: int, timeout: int = 600) -> dict:
+    """Run `python script` with `devices` fake CPU devices (fixed before jax starts, hence a
+    subprocess) and the repo importable; -> the JSON object its last stdout line prints."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

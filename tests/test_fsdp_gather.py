@@ -4,10 +4,8 @@ all-gather and sends fp32) and has the plain cast's value and gradient. Runs in 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
+
+from conftest import run_with_fake_devices
 
 
 def _worker() -> dict:
@@ -46,11 +44,7 @@ def _worker() -> dict:
 
 
 def test_fsdp_gather_sends_bf16_bits_and_keeps_the_plain_gradient():
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    r = run_with_fake_devices(__file__, 4, timeout=300)
     ours, plain = r["ours"], r["plain"]
     assert ours["gathers"] and set(ours["gathers"]) == {"u16"}, ours["gathers"]   # bf16 bytes on the wire
     assert "f32" in plain["gathers"]                      # what XLA makes of the plain form (the defect)

@@ -5,10 +5,8 @@ with 4 fake CPU devices (the device count is fixed before jax starts); only trac
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
+
+from conftest import run_with_fake_devices
 
 
 def _worker() -> dict:
@@ -49,11 +47,7 @@ def _worker() -> dict:
 
 
 def test_pallas_attention_is_shard_mapped_over_the_train_mesh():
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    r = run_with_fake_devices(__file__, 4, timeout=600)
     assert r["sharded"]["pallas_calls"] > 0, r
     # every flash-attention call sits in a shard_map (forward and backward)
     assert r["sharded"]["shard_maps"] >= r["sharded"]["pallas_calls"], r
